@@ -1,0 +1,176 @@
+"""``to_row_centric`` / ``restore``: swap a module's forward for the row-centric one, reversibly, in place."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from .errors import PlanError
+from .executor import run_plan
+from .planner import MODES, Plan, build_plan, describe
+from .rules import BATCHNORM_POLICIES
+from .trace import LeafSpec, propagate_shapes, trace
+
+__all__ = ["to_row_centric", "restore", "is_row_centric", "row_centric_config", "RowCentricConfig"]
+
+log = logging.getLogger(__name__)
+_ATTR = "_lrcnn_state"
+
+
+@dataclass(frozen=True)
+class RowCentricConfig:
+    """How a converted module runs (see :func:`to_row_centric`)."""
+
+    mode: str
+    rows: int
+    batchnorm: str = "exact"
+    leaf_modules: tuple[type | str, ...] = ()
+    autowrap_functions: tuple[Callable[..., Any], ...] = ()
+
+
+@dataclass
+class _State:
+    config: RowCentricConfig
+    traces: dict[tuple[bool, ...], fx.GraphModule] = field(default_factory=dict)
+    plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
+    warned: bool = False
+
+
+def _check_config(mode: Any, rows: Any, batchnorm: Any) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be an integer >= 1 (the number of row bands), got {rows!r}")
+    if batchnorm not in BATCHNORM_POLICIES:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM_POLICIES}, got {batchnorm!r}")
+
+
+def to_row_centric(
+    module: nn.Module,
+    *,
+    mode: str,
+    rows: int,
+    batchnorm: str = "exact",
+    leaf_modules: LeafSpec = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+) -> nn.Module:
+    """Convert ``module`` in place so its row-local parts run band by band (LR-CNN row-centric dataflow).
+
+    The module computes the same function with the same gradients; parameters, buffers and ``state_dict()``
+    are untouched (only ``forward`` is swapped), and :func:`restore` undoes the conversion. The module is
+    traced with torch.fx on the first call; plans are built per input shape and cached.
+
+    Args:
+        module: any torch.fx-traceable module whose first input is an ``(N, C, H, W)`` image batch.
+        mode: ``"2ps"`` (bands in order, boundary rows handed on) or ``"overl"`` (overlapping halos).
+        rows: number of row bands (int >= 1); a region with fewer output rows uses one band per row.
+        batchnorm: ``"exact"`` (train-mode BN runs globally), ``"freeze"`` (running statistics, affine
+            parameters still train) or ``"per_band"`` (per-band statistics: an approximation, warns once).
+        leaf_modules: submodule types or qualified names not to trace into (they run as global ops).
+        autowrap_functions: free functions to keep as single graph nodes when tracing.
+
+    Returns:
+        The same ``module`` object.
+
+    Raises:
+        ValueError: an argument is invalid (the message lists the allowed values).
+
+    Example::
+
+        model = to_row_centric(torchvision.models.resnet18(), mode="2ps", rows=8, batchnorm="freeze")
+        model(torch.randn(2, 3, 1024, 1024)).sum().backward()
+    """
+    _check_config(mode, rows, batchnorm)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if batchnorm == "per_band":
+        warnings.warn("batchnorm='per_band' normalises each band with its own statistics: this approximates "
+                      "train-mode BatchNorm and does not match the plain model", UserWarning, stacklevel=2)
+    config = RowCentricConfig(mode, rows, batchnorm, tuple(leaf_modules), tuple(autowrap_functions))
+    if is_row_centric(module):
+        restore(module)
+    module.__dict__[_ATTR] = _State(config)
+    module.forward = types.MethodType(_row_centric_forward, module)  # type: ignore[method-assign]
+    return module
+
+
+def restore(module: nn.Module) -> nn.Module:
+    """Undo :func:`to_row_centric`: the module's own ``forward`` is used again. Returns the module."""
+    module.__dict__.pop(_ATTR, None)
+    module.__dict__.pop("forward", None)
+    return module
+
+
+def is_row_centric(module: nn.Module) -> bool:
+    """True when ``module`` is currently converted."""
+    return _ATTR in module.__dict__
+
+
+def row_centric_config(module: nn.Module) -> RowCentricConfig | None:
+    """The configuration of a converted module, or None."""
+    state = module.__dict__.get(_ATTR)
+    return state.config if state is not None else None
+
+
+def plan_for(module: nn.Module, *args: Any, **kwargs: Any) -> Plan:
+    """The plan a converted ``module`` uses for these inputs (built and cached on first use)."""
+    state: _State = module.__dict__[_ATTR]
+    inputs = _bind_inputs(module, args, kwargs)
+    return _plan(module, state, inputs)
+
+
+def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    forward = type(module).forward
+    sig = inspect.signature(forward)
+    try:
+        bound = sig.bind(module, *args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{type(module).__name__}.forward: {exc}") from None
+    bound.apply_defaults()
+    values = list(bound.arguments.values())[1:]
+    first = values[0] if values else None
+    if not isinstance(first, Tensor) or first.dim() != 4:
+        got = f"a {first.dim()}-D tensor of shape {tuple(first.shape)}" if isinstance(first, Tensor) else repr(
+            type(first).__name__)
+        raise ValueError(f"input of a row-centric {type(module).__name__} must be a 4-D (N, C, H, W) tensor, got {got}")
+    return values
+
+
+def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
+    modes = tuple(m.training for m in module.modules())
+    key = (modes, tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else repr(v) for v in inputs),
+           torch.is_autocast_enabled())
+    plan = state.plans.get(key)
+    if plan is None:
+        cfg = state.config
+        gm = state.traces.get(modes)
+        if gm is None:
+            gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions)
+            state.traces[modes] = gm
+        propagate_shapes(gm, inputs)
+        plan = build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm)
+        state.plans[key] = plan
+        log.info("row-centric plan for %s %s:\n%s", type(module).__name__, tuple(inputs[0].shape), describe(plan))
+    return plan
+
+
+def _row_centric_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    state: _State = self.__dict__[_ATTR]
+    inputs = _bind_inputs(self, args, kwargs)
+    plan = _plan(self, state, inputs)
+    if not plan.segments and not state.warned:
+        state.warned = True
+        log.warning("%s has no row-local region for input %s: it runs as usual", type(self).__name__,
+                    tuple(inputs[0].shape))
+    try:
+        return run_plan(plan, self, inputs)
+    except PlanError:
+        raise

@@ -1,0 +1,152 @@
+"""Runs a plan: global nodes on full tensors, segments band by band (2PS or OverL) with recomputation.
+
+# NOTE [ Bands, checkpoints and boundary rows ]
+# Every band is one call of ``_BandRunner`` under non-reentrant ``torch.utils.checkpoint``: forward keeps
+# nothing of the band but its inputs, backward recomputes the band (RNG and autocast state restored) and
+# autograd routes the gradients between bands and into the parameters (each accumulated once, as DDP needs).
+# In 2PS the rows a band hands to the next one are *clones*: a view would keep the whole band alive.
+# Under ``torch.no_grad()`` bands run directly, so inference keeps only one band alive at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils.checkpoint import checkpoint
+
+from .geometry import RowInterval
+from .planner import Band, Plan, Segment
+from .rules import recomputing
+
+__all__ = ["run_plan"]
+
+
+def _rows(t: Tensor, have: RowInterval, want: RowInterval) -> Tensor:
+    """Rows ``want`` of ``t``, a tensor that holds rows ``have``."""
+    if want == have:
+        return t
+    return t[:, :, want.start - have.start : want.stop - have.start]
+
+
+class _BandRunner:
+    """Computes one band of a segment: ``(*carry_in) -> (*output_rows, *carry_out)``."""
+
+    def __init__(self, segment: Segment, band: Band, env: dict[fx.Node, Any], static: dict[fx.Node, Any],
+                 root: nn.Module) -> None:
+        self.segment, self.band, self.env, self.static, self.root = segment, band, env, static, root
+        self.calls = 0
+
+    def __call__(self, *carry_in: Tensor) -> tuple[Tensor, ...]:
+        with recomputing(self.calls > 0):
+            self.calls += 1
+            return self._run(carry_in)
+
+    def _run(self, carry_in: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        band, seg = self.band, self.segment
+        # per node: list of (tensor, rows it holds); joined lazily when a consumer reaches into the carry
+        held: dict[fx.Node, list[tuple[Tensor, RowInterval]]] = {}
+        for (node, rows), t in zip(band.carry_in, carry_in):
+            held[node] = [(t, rows)]
+
+        def value(v: fx.Node, want: RowInterval | None) -> Any:
+            if v in self.static:
+                return self.static[v]
+            if v not in held:  # outside the segment: a full tensor (or a whole broadcast input)
+                x = self.env[v]
+                return x if want is None else _rows(x, RowInterval(0, x.shape[2]), want)
+            pieces = held[v]
+            if len(pieces) > 1 and not pieces[-1][1].contains(want):
+                joined = torch.cat([p for p, _ in pieces], dim=2)
+                pieces[:] = [(joined, RowInterval(pieces[0][1].start, pieces[-1][1].stop))]
+            for t, have in reversed(pieces):
+                if have.contains(want):
+                    return _rows(t, have, want)
+            raise RuntimeError(f"internal: rows {want} of {v.name} not held")  # planner invariant
+
+        for node in seg.nodes:
+            out = band.rows[node]
+            if out.empty:
+                continue
+            node_rule = seg.rules[node]
+            need = node_rule.rule.needed(out)
+            args = fx.node.map_arg(node.args, lambda v: value(v, need if v in node_rule.row_inputs else None))
+            kwargs = fx.node.map_arg(node.kwargs, lambda v: value(v, need if v in node_rule.row_inputs else None))
+            result = node_rule.rule.run(args, kwargs, out)
+            held.setdefault(node, []).append((result, out))
+
+        outputs = []
+        for node, rows in band.outputs:
+            t = value(node, rows)
+            outputs.append(t if t._base is None else t.clone())  # a view would keep the whole band alive
+        carries = [value(node, rows).clone() for node, rows in band.carry_out]
+        return (*outputs, *carries)
+
+
+def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> None:
+    inside = set(segment.nodes)
+    # the values read from outside, captured now: recomputation in backward runs after env has moved on
+    outside = {v: env[v] for node in segment.nodes for v in node.all_input_nodes if v not in inside and v in env}
+    pieces: dict[fx.Node, list[Tensor]] = {o: [] for o in segment.outputs}
+    carries: tuple[Tensor, ...] = ()
+    grad = torch.is_grad_enabled()
+    for band in segment.bands:
+        runner = _BandRunner(segment, band, outside, static, root)
+        if grad:
+            result = checkpoint(runner, *carries, use_reentrant=False)
+        else:
+            result = runner(*carries)
+        n_out = len(band.outputs)
+        for (node, _), t in zip(band.outputs, result[:n_out]):
+            pieces[node].append(t)
+        carries = tuple(result[n_out:])
+    for node, parts in pieces.items():
+        env[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for name in target.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _run_node(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> Any:
+    def load(v: fx.Node) -> Any:
+        return static[v] if v in static else env[v]
+
+    args = fx.node.map_arg(node.args, load)
+    kwargs = fx.node.map_arg(node.kwargs, load)
+    if node.op == "call_module":
+        return root.get_submodule(str(node.target))(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    if node.op == "output":
+        return args[0]
+    raise RuntimeError(f"internal: unexpected node {node.format_node()}")
+
+
+def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
+    """Execute ``plan`` on ``inputs`` (one value per placeholder) with ``root``'s parameters and submodules."""
+    env: dict[fx.Node, Any] = {}
+    placeholders = [n for n in plan.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, inputs):
+        env[node] = value
+    for node in plan.graph.nodes:
+        if node.op == "get_attr":
+            env[node] = _fetch_attr(root, str(node.target))
+    result = None
+    for step, frees in zip(plan.steps, plan.free_after):
+        if isinstance(step, Segment):
+            _run_segment(step, env, plan.static, root)
+        elif step.op == "output":
+            result = _run_node(step, env, plan.static, root)
+        else:
+            env[step] = _run_node(step, env, plan.static, root)
+        for n in frees:
+            env.pop(n, None)
+    return result

@@ -1,0 +1,310 @@
+"""Graph -> plan: static nodes, regions of row-local nodes, segments, band cuts and per-band row intervals.
+
+Data flows trace -> plan -> execute. A plan is a list of steps: a global node (runs as usual on full tensors)
+or a :class:`Segment` (runs band by band). Everything here is plain Python over ``node.meta["val"]`` shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from .errors import PlanError
+from .geometry import RowInterval
+from .rules import NodeRule, rule_for
+
+__all__ = ["MODES", "Band", "Segment", "Plan", "build_plan", "describe"]
+
+MODES = ("2ps", "overl")
+# OverL: split a segment while its halos recompute more than this fraction of its activations.
+MAX_OVERLAP = 0.35
+
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "get_device"}
+
+
+@dataclass
+class Band:
+    """One band of a segment: the rows each node computes and the boundary rows it hands on (2PS)."""
+
+    rows: dict[fx.Node, RowInterval]  # rows computed per node (OverL: halo included)
+    outputs: list[tuple[fx.Node, RowInterval]]  # (segment output, its rows produced by this band)
+    carry_in: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows received from earlier bands
+    carry_out: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows handed to later bands
+
+
+@dataclass
+class Segment:
+    """A run of row-local nodes executed band by band; its outputs are materialised in full."""
+
+    nodes: list[fx.Node]
+    rules: dict[fx.Node, NodeRule]
+    outputs: list[fx.Node]
+    mode: str
+    bands: list[Band] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.nodes[0].name}..{self.nodes[-1].name}"
+
+
+@dataclass
+class Plan:
+    """Executable plan for one input shape: steps in order, static values and when env entries die."""
+
+    steps: list[fx.Node | Segment]
+    static: dict[fx.Node, Any]
+    free_after: list[list[fx.Node]]
+    graph: fx.Graph
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [s for s in self.steps if isinstance(s, Segment)]
+
+
+# --------------------------------------------------------------------------------------------- classification
+
+
+def _has_tensor(value: Any) -> bool:
+    found = False
+
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(v, Tensor)
+        return v
+
+    fx.node.map_aggregate(value, visit)
+    return found
+
+
+def _static_nodes(graph: fx.Graph) -> dict[fx.Node, Any]:
+    """Nodes whose value depends only on shapes (``x.shape[-2:]``, ``x.size(2)``...): constants per plan."""
+    static: dict[fx.Node, Any] = {}
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or "val" not in node.meta or _has_tensor(node.meta["val"]):
+            continue
+        shape_query = (node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS) or (
+            node.op == "call_method" and node.target in _SHAPE_METHODS)
+        if shape_query or all(n in static for n in node.all_input_nodes):
+            static[node] = _concrete(node.meta["val"])
+    return static
+
+
+def _concrete(value: Any) -> Any:
+    return fx.node.map_aggregate(value, lambda v: int(v) if isinstance(v, torch.SymInt) else v)
+
+
+def _row_local_rules(graph: fx.Graph, root: nn.Module, batchnorm: str,
+                     static: dict[fx.Node, Any]) -> dict[fx.Node, NodeRule]:
+    rules: dict[fx.Node, NodeRule] = {}
+    for node in graph.nodes:
+        if node in static:
+            continue
+        try:
+            rule = rule_for(node, root, batchnorm)
+        except Exception as exc:
+            raise PlanError(f"cannot plan node {node.format_node()}: {type(exc).__name__}: {exc}") from exc
+        if rule is not None:
+            rules[node] = rule
+    return rules
+
+
+def _regions(graph: fx.Graph, rules: dict[fx.Node, NodeRule], static: dict[fx.Node, Any]) -> list[list[fx.Node]]:
+    """Maximal runs (topological order) of row-local nodes; static, placeholder and get_attr nodes don't break them."""
+    regions: list[list[fx.Node]] = []
+    current: list[fx.Node] = []
+    members: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node in static or node.op in ("placeholder", "get_attr"):
+            continue
+        rule = rules.get(node)
+        # a whole (non-row) input made inside the run would be needed in full by every band: cut there
+        if rule is None or any(n in members and n not in rule.row_inputs for n in node.all_input_nodes):
+            if current:
+                regions.append(current)
+            current, members = [], set()
+        if rule is not None:
+            current.append(node)
+            members.add(node)
+    if current:
+        regions.append(current)
+    return regions
+
+
+# --------------------------------------------------------------------------------------------- bands
+
+
+def _height(node: fx.Node) -> int:
+    return int(node.meta["val"].shape[2])
+
+
+def _row_bytes(node: fx.Node) -> int:
+    v = node.meta["val"]
+    return int(v.numel() // max(1, v.shape[2])) * v.element_size()
+
+
+class _SegmentGeometry:
+    """Row dependencies inside one segment (consumers, needed rows) used to place cuts and intervals."""
+
+    def __init__(self, nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], outputs: list[fx.Node]) -> None:
+        self.nodes, self.rules, self.outputs = nodes, rules, outputs
+        inside = set(nodes)
+        self.users = {v: [u for u in v.users if u in inside and v in rules[u].row_inputs] for v in nodes}
+        self.main = max(outputs, key=_height)
+
+    def needed(self, u: fx.Node, rows: RowInterval) -> RowInterval:
+        return self.rules[u].rule.needed(rows)
+
+    def prefixes(self, p_main: int) -> dict[fx.Node, int]:
+        """Rows ``[0, P_v)`` each node must compute so the outputs have their first rows (2PS progress)."""
+        h_main = _height(self.main)
+        prefix: dict[fx.Node, int] = {}
+        for v in reversed(self.nodes):
+            p = -(-_height(v) * p_main // h_main) if v in self.outputs else 0
+            for u in self.users[v]:
+                if prefix[u] > 0:
+                    p = max(p, self.needed(u, RowInterval(0, prefix[u])).stop)
+            prefix[v] = min(p, _height(v))
+        return prefix
+
+    def cuts(self, bands: int) -> list[int]:
+        """Cuts on the main output so that every band holds about the same activation bytes (skew-balanced)."""
+        h_main = _height(self.main)
+
+        def weight(p: int) -> int:
+            return sum(_row_bytes(v) * pv for v, pv in self.prefixes(p).items())
+
+        total = weight(h_main)
+        cuts: list[int] = []
+        for r in range(1, bands):
+            target, lo, hi = total * r / bands, max(cuts[-1] + 1 if cuts else 1, 1), h_main
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if weight(mid) >= target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo < h_main:
+                cuts.append(lo)
+        return [0, *cuts, h_main]
+
+    def two_phase(self, cuts: list[int]) -> list[Band]:
+        prefix = [self.prefixes(c) for c in cuts]
+        bands: list[Band] = []
+        carry: list[tuple[fx.Node, RowInterval]] = []
+        for r in range(1, len(cuts)):
+            before, after = prefix[r - 1], prefix[r]
+            rows = {v: RowInterval(before[v], after[v]) for v in self.nodes}
+            carry_out = []
+            for v in self.nodes:
+                lows = [self.needed(u, RowInterval(after[u], after[u] + 1)).start
+                        for u in self.users[v] if after[u] < _height(u)]
+                if lows and min(lows) < after[v]:
+                    carry_out.append((v, RowInterval(min(lows), after[v])))
+            outputs = [(o, rows[o]) for o in self.outputs if not rows[o].empty]
+            bands.append(Band(rows, outputs, carry, carry_out))
+            carry = carry_out
+        return bands
+
+    def overlapped(self, cuts: list[int]) -> list[Band]:
+        prefix = [self.prefixes(c) for c in cuts]
+        bands: list[Band] = []
+        for r in range(1, len(cuts)):
+            own = {o: RowInterval(prefix[r - 1][o], prefix[r][o]) for o in self.outputs}
+            rows: dict[fx.Node, RowInterval] = {}
+            for v in reversed(self.nodes):
+                need = own.get(v, RowInterval(0, 0))
+                for u in self.users[v]:
+                    if not rows[u].empty:
+                        need = need.hull(self.needed(u, rows[u]))
+                rows[v] = need
+            bands.append(Band(rows, [(o, i) for o, i in own.items() if not i.empty], [], []))
+        return bands
+
+    def overlap(self, bands: list[Band]) -> float:
+        """Fraction of activation bytes computed more than once (OverL halos)."""
+        done = sum(_row_bytes(v) * len(b.rows[v]) for b in bands for v in self.nodes)
+        once = sum(_row_bytes(v) * _height(v) for v in self.nodes)
+        return done / max(once, 1) - 1.0
+
+
+def _outputs(nodes: Sequence[fx.Node], static: dict[fx.Node, Any]) -> list[fx.Node]:
+    """Nodes read outside ``nodes`` (shape queries excepted): they are materialised in full."""
+    inside = set(nodes)
+    return [v for v in nodes if any(u not in inside and u not in static for u in v.users)]
+
+
+def _segment(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, rows: int,
+             static: dict[fx.Node, Any]) -> list[Segment]:
+    outputs = _outputs(nodes, static)
+    geo = _SegmentGeometry(nodes, rules, outputs)
+    cuts = geo.cuts(max(1, min(rows, _height(geo.main))))
+    bands = geo.two_phase(cuts) if mode == "2ps" else geo.overlapped(cuts)
+    if mode == "overl" and len(nodes) > 1 and len(cuts) > 2 and geo.overlap(bands) > MAX_OVERLAP:
+        split = _best_split(nodes, static)
+        return _segment(nodes[:split], rules, mode, rows, static) + _segment(nodes[split:], rules, mode, rows, static)
+    return [Segment(nodes, {v: rules[v] for v in nodes}, outputs, mode, bands)]
+
+
+def _best_split(nodes: list[fx.Node], static: dict[fx.Node, Any]) -> int:
+    """Split index near the middle where the fewest bytes must be materialised in full."""
+    n = len(nodes)
+    candidates = range(max(1, n // 3), max(2, n - n // 3))
+
+    def crossing(i: int) -> int:
+        return sum(_row_bytes(v) * _height(v) for v in _outputs(nodes[:i], static))
+
+    return min(candidates, key=lambda i: (crossing(i), abs(i - n // 2)))
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, batchnorm: str) -> Plan:
+    """Plan ``gm`` (shapes already propagated) for row-centric execution.
+
+    Raises:
+        PlanError: a node cannot be planned; the message shows the node.
+    """
+    graph = gm.graph
+    static = _static_nodes(graph)
+    rules = _row_local_rules(graph, root, batchnorm, static)
+    steps: list[fx.Node | Segment] = []
+    region_of: dict[fx.Node, list[Segment]] = {}
+    for region in _regions(graph, rules, static):
+        region_of[region[0]] = _segment(region, rules, mode, rows, static)
+    covered = {v for segs in region_of.values() for s in segs for v in s.nodes}
+    for node in graph.nodes:
+        if node in region_of:
+            steps.extend(region_of[node])
+        elif node not in covered and node not in static and node.op not in ("placeholder", "get_attr"):
+            steps.append(node)
+    return Plan(steps, static, _free_after(graph, steps), graph)
+
+
+def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx.Node]]:
+    """For each step, the env entries that no later step reads (freed to keep peak memory low)."""
+    last: dict[fx.Node, int] = {}
+    for i, step in enumerate(steps):
+        for node in step.nodes if isinstance(step, Segment) else [step]:
+            for n in node.all_input_nodes:
+                last[n] = i
+    frees: list[list[fx.Node]] = [[] for _ in steps]
+    for n, i in last.items():
+        if n.op != "get_attr":
+            frees[i].append(n)
+    return frees
+
+
+def describe(plan: Plan) -> str:
+    """One line per segment: nodes, bands, overlap (for logs and debugging)."""
+    lines = []
+    for s in plan.segments:
+        lines.append(f"{s.mode} segment {s.name}: {len(s.nodes)} nodes, {len(s.bands)} bands, "
+                     f"outputs {[o.name for o in s.outputs]}")
+    return "\n".join(lines) if lines else "no row-local region"
+

@@ -1,0 +1,521 @@
+"""Registry of row rules: which graph nodes are row-local, which input rows they need, how they run on a band.
+
+A node with a rule is *row-local*: output rows ``[a, b)`` depend only on a contiguous band of its row
+inputs. Nodes without a rule are *global* and run as usual on full tensors. Unknown ops never get a rule,
+so an unsupported op costs memory, never correctness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .geometry import RowInterval, same_padding, split_padding, transposed_input_rows, window_input_rows
+
+__all__ = ["RowRule", "NodeRule", "rule_for", "BATCHNORM_POLICIES", "recomputing"]
+
+BATCHNORM_POLICIES = ("exact", "freeze", "per_band")
+
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("lrcnn_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def recomputing(flag: bool) -> Iterator[None]:
+    """Mark code as a backward-time recomputation (side effects such as BN statistics must not repeat)."""
+    token = _RECOMPUTING.set(flag)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+Call = Callable[[tuple[Any, ...], dict[str, Any]], Tensor]
+
+
+class RowRule:
+    """Pointwise rule: output rows ``[a, b)`` need input rows ``[a, b)``; subclasses change the geometry."""
+
+    def __init__(self, in_height: int, call: Call) -> None:
+        self.in_height = in_height
+        self.call = call
+
+    def needed(self, out: RowInterval) -> RowInterval:
+        """Input rows (clamped to the input) that output rows ``out`` read, for every row input."""
+        return out.clamp(self.in_height)
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: RowInterval) -> Tensor:
+        """Compute output rows ``out``; row inputs in ``args``/``kwargs`` hold exactly ``needed(out)``."""
+        return self.call(args, kwargs)
+
+
+class WindowRule(RowRule):
+    """Sliding window (conv, pooling, pad): ``call(args, kwargs, pad_top, pad_bottom, out)`` pads the band itself."""
+
+    def __init__(self, in_height: int, kernel: int, stride: int, pad_top: int, dilation: int, call: Any) -> None:
+        super().__init__(in_height, call)
+        self.kernel, self.stride, self.pad_top, self.dilation = kernel, stride, pad_top, dilation
+
+    def _window(self, out: RowInterval) -> RowInterval:
+        return window_input_rows(out, self.kernel, self.stride, self.pad_top, self.dilation)
+
+    def needed(self, out: RowInterval) -> RowInterval:
+        return self._window(out).clamp(self.in_height)
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: RowInterval) -> Tensor:
+        _, top, bottom = split_padding(self._window(out), self.in_height)
+        return self.call(args, kwargs, top, bottom, out)
+
+
+class TransposedRule(RowRule):
+    """Transposed convolution: ``call(args, kwargs)`` returns the bias-free output of the band, placed here."""
+
+    def __init__(self, in_height: int, kernel: int, stride: int, pad_top: int, dilation: int, call: Any, bias: Any):
+        super().__init__(in_height, call)
+        self.kernel, self.stride, self.pad_top, self.dilation, self.bias = kernel, stride, pad_top, dilation, bias
+
+    def needed(self, out: RowInterval) -> RowInterval:
+        return transposed_input_rows(out, self.kernel, self.stride, self.pad_top, self.dilation, self.in_height)
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: RowInterval) -> Tensor:
+        rows = self.needed(out)
+        y = self.call(args, kwargs)
+        first = rows.start * self.stride - self.pad_top  # full-output row of y's first row
+        lo, hi = out.start - first, out.stop - first
+        y = y[:, :, max(lo, 0) : max(min(hi, y.shape[2]), 0)]
+        y = F.pad(y, (0, 0, max(-lo, 0), len(out) - y.shape[2] - max(-lo, 0)))
+        bias = self.bias(args, kwargs)
+        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+
+
+class ResampleRule(RowRule):
+    """Interpolation: a vertical gather/lerp from a probed row table, then the op along the width only."""
+
+    def __init__(self, in_height: int, src: Tensor, linear: bool, call: Call) -> None:
+        super().__init__(in_height, call)
+        self.lo = src.floor().long().clamp(0, in_height - 1)
+        self.hi = (self.lo + 1).clamp(max=in_height - 1) if linear else self.lo
+        self.lam = (src - self.lo).clamp(0, 1) if linear else None
+
+    def needed(self, out: RowInterval) -> RowInterval:
+        return RowInterval(int(self.lo[out.start : out.stop].min()), int(self.hi[out.start : out.stop].max()) + 1)
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: RowInterval) -> Tensor:
+        x = args[0]
+        start = self.needed(out).start
+        lo = (self.lo[out.start : out.stop] - start).to(x.device)
+        y = x.index_select(2, lo)
+        if self.lam is not None:
+            hi = (self.hi[out.start : out.stop] - start).to(x.device)
+            lam = self.lam[out.start : out.stop].to(device=x.device, dtype=x.dtype).reshape(1, 1, -1, 1)
+            y = y * (1 - lam) + x.index_select(2, hi) * lam
+        return self.call((y, *args[1:]), kwargs)
+
+
+@dataclass(frozen=True)
+class NodeRule:
+    """A node's rule plus which of its input nodes are row-indexed (the others are used whole)."""
+
+    rule: RowRule
+    row_inputs: frozenset[fx.Node]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def _is_4d(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dim() == 4
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return (int(value[0]), int(value[1])) if len(value) == 2 else (int(value[0]), int(value[0]))
+    return int(value), int(value)
+
+
+def _bind(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _pad_band(x: Tensor, pads: tuple[int, int, int, int], mode: str, value: float = 0.0) -> Tensor:
+    if not any(pads):
+        return x
+    if mode in ("zeros", "constant"):
+        return F.pad(x, pads, value=value)
+    return F.pad(x, pads, mode=mode)
+
+
+# --------------------------------------------------------------------------------------------- conv and pooling
+
+
+def _conv_rule(in_height: int, kernel: tuple[int, int], stride: Any, padding: Any, dilation: Any, mode: str,
+               run_conv: Callable[[Tensor, Any, tuple[Any, ...], dict[str, Any]], Tensor]) -> RowRule | None:
+    (kh, kw), (dh, dw) = kernel, _pair(dilation)
+    sh, _ = _pair(stride)
+    if isinstance(padding, str):
+        (pt, pb), (pl, pr) = (same_padding(kh, dh), same_padding(kw, dw)) if padding == "same" else ((0, 0), (0, 0))
+    else:
+        (pt, pl) = _pair(padding)
+        pb, pr = pt, pl
+    if mode not in ("zeros", "reflect", "replicate"):
+        return None  # circular padding wraps rows around the image: not row-local
+    if mode != "zeros" and dh * (kh - 1) < 2 * max(pt, pb):
+        return None  # the band at the border would not hold the rows that reflect/replicate copy
+
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
+        x = args[0]
+        if mode == "zeros" and pl == pr:
+            return run_conv(_pad_band(x, (0, 0, top, bottom), "zeros"), (0, pl), args, kwargs)
+        return run_conv(_pad_band(x, (pl, pr, top, bottom), mode), 0, args, kwargs)
+
+    return WindowRule(in_height, kh, sh, pt, dh, call)
+
+
+def _conv_module(m: nn.Conv2d, in_height: int) -> RowRule | None:
+    def run_conv(x: Tensor, padding: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        return F.conv2d(x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups)
+
+    return _conv_rule(in_height, m.kernel_size, m.stride, m.padding, m.dilation, m.padding_mode, run_conv)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _conv_function(node: fx.Node, in_height: int) -> RowRule | None:
+    b = _bind(_CONV_ARGS, node.args, node.kwargs)
+    weight = _val(b["weight"])
+    if not _is_4d(weight):
+        return None
+
+    def run_conv(x: Tensor, padding: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        bb = _bind(_CONV_ARGS, args, kwargs)
+        return F.conv2d(x, bb["weight"], bb.get("bias"), bb.get("stride", 1), padding, bb.get("dilation", 1),
+                        bb.get("groups", 1))
+
+    return _conv_rule(in_height, tuple(weight.shape[2:]), b.get("stride", 1), b.get("padding", 0),
+                      b.get("dilation", 1), "zeros", run_conv)
+
+
+_CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+
+def _conv_transpose_rule(in_height: int, kernel: int, stride: Any, padding: Any, output_padding: Any,
+                         groups: int, dilation: Any, weight: Call, bias: Call) -> RowRule:
+    (sh, sw), (ph, pw), (_, opw), (dh, dw) = _pair(stride), _pair(padding), _pair(output_padding), _pair(dilation)
+
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        return F.conv_transpose2d(args[0], weight(args, kwargs), None, (sh, sw), (0, pw), (0, opw), groups, (dh, dw))
+
+    return TransposedRule(in_height, kernel, sh, ph, dh, call, bias)
+
+
+def _max_pool_rule(in_height: int, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool) -> RowRule:
+    (kh, kw), (ph, pw), (dh, dw) = _pair(kernel), _pair(padding), _pair(dilation)
+    sh, sw = _pair(stride if stride not in (None, [], ()) else kernel)
+
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
+        x = _pad_band(args[0], (0, 0, top, bottom), "constant", -math.inf)
+        return F.max_pool2d(x, (kh, kw), (sh, sw), (0, pw), (dh, dw), ceil_mode)
+
+    return WindowRule(in_height, kh, sh, ph, dh, call)
+
+
+def _avg_pool_rule(in_value: Tensor, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+                   count_include_pad: bool, divisor_override: int | None) -> RowRule:
+    in_height, in_width = in_value.shape[2], in_value.shape[3]
+    (kh, kw), (ph, pw) = _pair(kernel), _pair(padding)
+    sh, sw = _pair(stride if stride not in (None, [], ()) else kernel)
+    # NOTE: the band runs with no vertical padding, so PyTorch would count the divisor differently at the
+    # border; sum the window instead and divide by the full image's divisor map, computed once here.
+    ones = torch.ones(1, 1, in_height, in_width, dtype=torch.float64)
+    counts = F.avg_pool2d(ones, (kh, kw), (sh, sw), (ph, pw), ceil_mode, True, 1)
+    means = F.avg_pool2d(ones, (kh, kw), (sh, sw), (ph, pw), ceil_mode, count_include_pad, divisor_override)
+    divisor = (counts / means).round()
+
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
+        x = _pad_band(args[0], (0, 0, top, bottom), "zeros")
+        sums = F.avg_pool2d(x, (kh, kw), (sh, sw), (0, pw), ceil_mode, True, 1)
+        return sums / divisor[:, :, out.start : out.stop].to(device=sums.device, dtype=sums.dtype)
+
+    return WindowRule(in_height, kh, sh, ph, 1, call)
+
+
+# --------------------------------------------------------------------------------------------- resampling
+
+
+def _resample_rule(in_value: Tensor, out_value: Tensor, size: Any, scale_factor: Any, mode: str,
+                   align_corners: bool | None, recompute_scale_factor: bool | None) -> RowRule | None:
+    if mode not in ("nearest", "nearest-exact", "bilinear"):
+        return None
+    in_height, out_height, out_width = in_value.shape[2], out_value.shape[2], out_value.shape[3]
+    linear = mode == "bilinear"
+    extra: dict[str, Any] = {"align_corners": align_corners} if linear else {}
+    if scale_factor is not None:
+        sf_h, sf_w = (scale_factor, scale_factor) if not isinstance(scale_factor, (list, tuple)) else scale_factor
+        vertical: dict[str, Any] = {"scale_factor": (float(sf_h), 1.0), "recompute_scale_factor": recompute_scale_factor}
+    else:
+        vertical = {"size": (out_height, 1)}
+    # NOTE: probe PyTorch's own row mapping on a ramp so the band reads exactly the rows the full op reads.
+    ramp = torch.arange(in_height, dtype=torch.float64).reshape(1, 1, in_height, 1)
+    src = F.interpolate(ramp, mode=mode, **vertical, **extra).reshape(-1)
+    if src.numel() != out_height:
+        return None
+
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        y = args[0]
+        if scale_factor is not None:
+            horizontal: dict[str, Any] = {"scale_factor": (1.0, float(sf_w)),
+                                          "recompute_scale_factor": recompute_scale_factor}
+        else:
+            horizontal = {"size": (y.shape[2], out_width)}
+        return F.interpolate(y, mode=mode, **horizontal, **extra)
+
+    return ResampleRule(in_height, src, linear, call)
+
+
+# --------------------------------------------------------------------------------------------- pointwise tables
+
+
+def _no_inplace(fn: Callable[..., Tensor], inplace_pos: int) -> Call:
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+        return fn(*args[:inplace_pos], **kwargs)
+
+    return call
+
+
+_ACTIVATION_FUNCTIONS: dict[Any, int] = {
+    F.relu: 1, F.relu6: 1, F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.mish: 1, F.selu: 1, F.gelu: 99,
+    F.elu: 2, F.celu: 2, F.leaky_relu: 2, F.hardtanh: 3, F.softplus: 99, F.sigmoid: 99, F.tanh: 99,
+    torch.relu: 99, torch.sigmoid: 99, torch.tanh: 99, torch.abs: 99, torch.exp: 99, torch.neg: 99,
+    torch.clamp: 99, torch.nn.functional.prelu: 99,
+}
+_INPLACE_TO_OUT = {torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh}
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+    operator.truediv: operator.truediv, operator.iadd: operator.add, operator.isub: operator.sub,
+    operator.imul: operator.mul, operator.itruediv: operator.truediv, operator.neg: operator.neg,
+    torch.add: torch.add, torch.sub: torch.sub, torch.mul: torch.mul, torch.div: torch.div,
+    torch.maximum: torch.maximum, torch.minimum: torch.minimum, torch.where: torch.where,
+}
+_POINTWISE_METHODS = {
+    "relu", "sigmoid", "tanh", "add", "sub", "mul", "div", "neg", "clamp", "abs", "exp", "contiguous",
+    "float", "double", "half", "bfloat16", "clone",
+}
+
+
+def _module_activation(m: nn.Module) -> Call | None:
+    table: dict[type, Callable[[Tensor], Tensor]] = {
+        nn.ReLU: F.relu, nn.ReLU6: F.relu6, nn.SiLU: F.silu, nn.Mish: F.mish, nn.Hardswish: F.hardswish,
+        nn.Hardsigmoid: F.hardsigmoid, nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh, nn.SELU: F.selu,
+        nn.Identity: lambda x: x,
+    }
+    fn = table.get(type(m))
+    if fn is None:
+        if isinstance(m, nn.LeakyReLU):
+            fn = lambda x: F.leaky_relu(x, m.negative_slope)  # noqa: E731
+        elif isinstance(m, nn.ELU):
+            fn = lambda x: F.elu(x, m.alpha)  # noqa: E731
+        elif isinstance(m, nn.CELU):
+            fn = lambda x: F.celu(x, m.alpha)  # noqa: E731
+        elif isinstance(m, nn.GELU):
+            fn = lambda x: F.gelu(x, approximate=m.approximate)  # noqa: E731
+        elif isinstance(m, nn.Hardtanh):
+            fn = lambda x: F.hardtanh(x, m.min_val, m.max_val)  # noqa: E731
+        elif isinstance(m, nn.Softplus):
+            fn = lambda x: F.softplus(x, m.beta, m.threshold)  # noqa: E731
+        elif isinstance(m, nn.PReLU):
+            fn = m
+        elif isinstance(m, (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout)) and not m.training:
+            fn = lambda x: x  # noqa: E731
+        else:
+            return None
+    return lambda args, kwargs: fn(args[0])
+
+
+def _batchnorm_rule(m: nn.modules.batchnorm._BatchNorm, in_height: int, policy: str) -> RowRule | None:
+    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        return None  # always uses batch statistics: global
+    if not m.training or policy == "freeze":
+        return RowRule(in_height, lambda args, kwargs: F.batch_norm(
+            args[0], m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps))
+    if policy == "per_band":
+        def per_band(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+            update = not _RECOMPUTING.get()  # running statistics move once per band, never on recompute
+            momentum = 0.1 if m.momentum is None else m.momentum
+            return F.batch_norm(args[0], m.running_mean if update else None, m.running_var if update else None,
+                                m.weight, m.bias, True, momentum, m.eps)
+
+        return RowRule(in_height, per_band)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+
+
+def _module_rule(m: nn.Module, node: fx.Node, in_value: Tensor, out_value: Tensor, policy: str) -> RowRule | None:
+    in_height = in_value.shape[2]
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    if type(m) is nn.Conv2d:
+        return _conv_module(m, in_height)
+    if type(m) is nn.ConvTranspose2d and m.padding_mode == "zeros":
+        return _conv_transpose_rule(in_height, m.kernel_size[0], m.stride, m.padding, m.output_padding, m.groups,
+                                    m.dilation, lambda a, k: m.weight, lambda a, k: m.bias)
+    if type(m) is nn.MaxPool2d and not m.return_indices:
+        return _max_pool_rule(in_height, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    if type(m) is nn.AvgPool2d:
+        return _avg_pool_rule(in_value, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                              m.divisor_override)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.BatchNorm3d):
+        return _batchnorm_rule(m, in_height, policy)
+    if isinstance(m, nn.Upsample) and not getattr(m, "antialias", False):
+        return _resample_rule(in_value, out_value, m.size, m.scale_factor, m.mode, m.align_corners,
+                              m.recompute_scale_factor)
+    if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+        left, right, top, bottom = m.padding
+        return _pad_rule(in_height, (left, right, top, bottom), float(m.value))
+    call = _module_activation(m)
+    return None if call is None else RowRule(in_height, call)
+
+
+def _pad_rule(in_height: int, pads: Sequence[int], value: float) -> RowRule | None:
+    if len(pads) != 4:
+        return None
+    left, right, top, bottom = (int(p) for p in pads)
+
+    def call(args: tuple[Any, ...], kwargs: dict[str, Any], pad_top: int, pad_bottom: int, out: RowInterval) -> Tensor:
+        return F.pad(args[0], (left, right, pad_top, pad_bottom), value=value)
+
+    return WindowRule(in_height, 1, 1, top, 1, call)
+
+
+def _function_rule(node: fx.Node, in_value: Tensor, out_value: Tensor) -> RowRule | None:
+    fn, in_height = node.target, in_value.shape[2]
+    if fn in (F.conv2d, torch.conv2d):
+        return _conv_function(node, in_height)
+    if fn in (F.conv_transpose2d, torch.conv_transpose2d):
+        b = _bind(_CONVT_ARGS, node.args, node.kwargs)
+        weight = _val(b["weight"])
+        if not _is_4d(weight):
+            return None
+        return _conv_transpose_rule(
+            in_height, weight.shape[2], b.get("stride", 1), b.get("padding", 0), b.get("output_padding", 0),
+            b.get("groups", 1), b.get("dilation", 1), lambda a, k: _bind(_CONVT_ARGS, a, k)["weight"],
+            lambda a, k: _bind(_CONVT_ARGS, a, k).get("bias"))
+    if fn is F.max_pool2d:
+        b = _bind(("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                  node.args, node.kwargs)
+        if b.get("return_indices"):
+            return None
+        return _max_pool_rule(in_height, b["kernel_size"], b.get("stride"), b.get("padding", 0),
+                              b.get("dilation", 1), bool(b.get("ceil_mode", False)))
+    if fn in (F.avg_pool2d, torch._C._nn.avg_pool2d):
+        b = _bind(("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+                  node.args, node.kwargs)
+        return _avg_pool_rule(in_value, b["kernel_size"], b.get("stride"), b.get("padding", 0),
+                              bool(b.get("ceil_mode", False)), bool(b.get("count_include_pad", True)),
+                              b.get("divisor_override"))
+    if fn is F.interpolate:
+        b = _bind(("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"),
+                  node.args, node.kwargs)
+        if b.get("antialias"):
+            return None
+        return _resample_rule(in_value, out_value, b.get("size"), b.get("scale_factor"), b.get("mode", "nearest"),
+                              b.get("align_corners"), b.get("recompute_scale_factor"))
+    if fn is F.pad:
+        b = _bind(("input", "pad", "mode", "value"), node.args, node.kwargs)
+        if b.get("mode", "constant") != "constant" or not isinstance(b["pad"], (list, tuple)):
+            return None
+        return _pad_rule(in_height, b["pad"], float(b.get("value") or 0.0))
+    if fn is F.batch_norm:
+        b = _bind(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                  node.args, node.kwargs)
+        if b.get("training", False) or b["running_mean"] is None:
+            return None
+        return RowRule(in_height, lambda a, k: F.batch_norm(*a, **k))
+    if fn in (F.dropout, F.dropout2d, F.alpha_dropout):
+        b = _bind(("input", "p", "training", "inplace"), node.args, node.kwargs)
+        return None if b.get("training", True) else RowRule(in_height, lambda a, k: a[0])
+    if fn is torch.cat:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return None if dim in (2, -2) else RowRule(in_height, lambda a, k: torch.cat(*a, **k))
+    if fn is operator.getitem:
+        return _getitem_rule(node, in_height)
+    fn = _INPLACE_TO_OUT.get(fn, fn)  # type: ignore[arg-type]
+    if fn in _ACTIVATION_FUNCTIONS:
+        return RowRule(in_height, _no_inplace(fn, _ACTIVATION_FUNCTIONS[fn]))
+    if fn in _ELEMENTWISE_FUNCTIONS:
+        op = _ELEMENTWISE_FUNCTIONS[fn]
+        return RowRule(in_height, lambda a, k: op(*a, **k))
+    return None
+
+
+def _getitem_rule(node: fx.Node, in_height: int) -> RowRule | None:
+    index = node.args[1]
+    if not isinstance(index, tuple):
+        index = (index,)
+    if any(not isinstance(i, slice) for i in index) or len(index) > 4:
+        return None
+    if len(index) >= 3 and index[2] != slice(None):
+        return None
+    return RowRule(in_height, lambda a, k: a[0][a[1]])
+
+
+def _method_rule(node: fx.Node, in_height: int) -> RowRule | None:
+    name = str(node.target)
+    name = name[:-1] if name.endswith("_") and not name.endswith("__") else name
+    if name not in _POINTWISE_METHODS:
+        return None
+    return RowRule(in_height, lambda a, k: getattr(a[0], name)(*a[1:], **k))
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [n for n in node.all_input_nodes if isinstance(_val(n), Tensor)]
+
+
+def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:
+    """The row rule of ``node`` (shapes in ``node.meta["val"]``), or None when the node is global."""
+    out_value = _val(node)
+    if node.op not in ("call_module", "call_function", "call_method") or not _is_4d(out_value):
+        return None
+    out_height = out_value.shape[2]
+    if node.op in ("call_module",) or node.target in (
+        F.conv2d, torch.conv2d, F.conv_transpose2d, torch.conv_transpose2d, F.max_pool2d, F.avg_pool2d,
+        torch._C._nn.avg_pool2d, F.interpolate, F.pad, F.batch_norm,
+    ):
+        first = node.args[0] if node.args else node.kwargs.get("input")
+        if not isinstance(first, fx.Node) or not _is_4d(_val(first)):
+            return None
+        in_value = _val(first)
+        if node.op == "call_module":
+            rule = _module_rule(root.get_submodule(str(node.target)), node, in_value, out_value, batchnorm)
+        else:
+            rule = _function_rule(node, in_value, out_value)
+        return None if rule is None else NodeRule(rule, frozenset([first]))
+    # elementwise family: every 4D tensor input with the output's height is row-indexed, others broadcast
+    rows = frozenset(n for n in _tensor_inputs(node) if _is_4d(_val(n)) and _val(n).shape[2] == out_height)
+    if not rows:
+        return None
+    if any(isinstance(_val(n), Tensor) and _val(n).dim() >= 2 and n not in rows
+           and _val(n).shape[-2] not in (1, out_height) for n in _tensor_inputs(node)):
+        return None
+    if node.op == "call_method":
+        rule = _method_rule(node, out_height)
+    else:
+        rule = _function_rule(node, next(iter(rows)).meta["val"], out_value)
+    return None if rule is None else NodeRule(rule, rows)
