@@ -66,6 +66,11 @@ class _BandRunner:
                     return _rows(t, have, want)
             raise RuntimeError(f"internal: rows {want} of {v.name} not held")  # planner invariant
 
+        outputs: list[Tensor] = []
+        wanted = {node: rows for node, rows in band.outputs}
+        handed = {node: rows for node, rows in band.carry_out}
+        # a node with no new rows in this band passes (part of) its incoming boundary rows straight on
+        carries = {node: value(node, rows).clone() for node, rows in band.carry_out if band.rows[node].empty}
         for node in seg.nodes:
             out = band.rows[node]
             if out.empty:
@@ -74,15 +79,15 @@ class _BandRunner:
             need = node_rule.rule.needed(out)
             args = fx.node.map_arg(node.args, lambda v: value(v, need if v in node_rule.row_inputs else None))
             kwargs = fx.node.map_arg(node.kwargs, lambda v: value(v, need if v in node_rule.row_inputs else None))
-            result = node_rule.rule.run(args, kwargs, out)
-            held.setdefault(node, []).append((result, out))
-
-        outputs = []
-        for node, rows in band.outputs:
-            t = value(node, rows)
-            outputs.append(t if t._base is None else t.clone())  # a view would keep the whole band alive
-        carries = [value(node, rows).clone() for node, rows in band.carry_out]
-        return (*outputs, *carries)
+            held.setdefault(node, []).append((node_rule.rule.run(args, kwargs, out), out))
+            if node in wanted:
+                t = value(node, wanted[node])
+                outputs.append(t if t._base is None else t.clone())  # a view would keep the whole band alive
+            if node in handed:
+                carries[node] = value(node, handed[node]).clone()
+            for done in band.release.get(node, ()):
+                held.pop(done, None)
+        return (*outputs, *(carries[node] for node, _ in band.carry_out))
 
 
 def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> None:

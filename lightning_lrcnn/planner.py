@@ -6,7 +6,7 @@ or a :class:`Segment` (runs band by band). Everything here is plain Python over 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from .errors import PlanError
 from .geometry import RowInterval
 from .rules import NodeRule, rule_for
 
-__all__ = ["MODES", "Band", "Segment", "Plan", "build_plan", "describe"]
+__all__ = ["MODES", "Band", "Segment", "Plan", "Estimate", "build_plan", "describe", "estimate"]
 
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
@@ -35,6 +35,7 @@ class Band:
     outputs: list[tuple[fx.Node, RowInterval]]  # (segment output, its rows produced by this band)
     carry_in: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows received from earlier bands
     carry_out: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows handed to later bands
+    release: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # after node: values no longer read
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Segment:
     outputs: list[fx.Node]
     mode: str
     bands: list[Band] = field(default_factory=list)
+    overlap: float = 0.0  # fraction of activation bytes computed more than once (OverL halos)
 
     @property
     def name(self) -> str:
@@ -160,7 +162,7 @@ class _SegmentGeometry:
         return self.rules[u].rule.needed(rows)
 
     def prefixes(self, p_main: int) -> dict[fx.Node, int]:
-        """Rows ``[0, P_v)`` each node must compute so the outputs have their first rows (2PS progress)."""
+        """Rows ``[0, P_v)`` each node must compute so the outputs have their first rows (output-driven)."""
         h_main = _height(self.main)
         prefix: dict[fx.Node, int] = {}
         for v in reversed(self.nodes):
@@ -171,34 +173,65 @@ class _SegmentGeometry:
             prefix[v] = min(p, _height(v))
         return prefix
 
-    def cuts(self, bands: int) -> list[int]:
-        """Cuts on the main output so that every band holds about the same activation bytes (skew-balanced)."""
-        h_main = _height(self.main)
+    def computable(self, p_in: int) -> dict[fx.Node, int]:
+        """Rows ``[0, P_v)`` each node can compute once the segment inputs' first rows are known (input-driven)."""
+        prefix: dict[fx.Node, int] = {}
+        for u in self.nodes:
+            rule = self.rules[u]
+            limits = []
+            for v in rule.row_inputs:
+                h = _height(v)
+                limits.append((prefix[v] if v in prefix else -(-h * p_in // self.h_in), h))
+            if all(p >= h for p, h in limits):
+                prefix[u] = _height(u)
+                continue
+            lo, hi = 0, _height(u)  # largest o with needed([0, o)) inside every input's prefix
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                need = self.needed(u, RowInterval(0, mid))
+                if all(need.stop <= p for p, _ in limits):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            prefix[u] = lo
+        return prefix
+
+    @property
+    def h_in(self) -> int:
+        inside = set(self.nodes)
+        heights = [_height(v) for u in self.nodes for v in self.rules[u].row_inputs if v not in inside]
+        return max(heights) if heights else 1
+
+    def cuts(self, bands: int, progress: Callable[[int], dict[fx.Node, int]], height: int) -> list[int]:
+        """Cut points of ``progress`` so every band holds about the same activation bytes (skew-balanced)."""
 
         def weight(p: int) -> int:
-            return sum(_row_bytes(v) * pv for v, pv in self.prefixes(p).items())
+            return sum(_row_bytes(v) * pv for v, pv in progress(p).items())
 
-        total = weight(h_main)
+        total = weight(height)
         cuts: list[int] = []
         for r in range(1, bands):
-            target, lo, hi = total * r / bands, max(cuts[-1] + 1 if cuts else 1, 1), h_main
+            target, lo, hi = total * r / bands, cuts[-1] + 1 if cuts else 1, height
             while lo < hi:
                 mid = (lo + hi) // 2
                 if weight(mid) >= target:
                     hi = mid
                 else:
                     lo = mid + 1
-            if lo < h_main:
+            if lo < height:
                 cuts.append(lo)
-        return [0, *cuts, h_main]
+        return [0, *cuts, height]
 
-    def two_phase(self, cuts: list[int]) -> list[Band]:
-        prefix = [self.prefixes(c) for c in cuts]
-        bands: list[Band] = []
+    def two_phase(self, bands: int) -> list[Band]:
+        cuts = self.cuts(bands, self.computable, self.h_in)
+        prefix = [self.computable(c) for c in cuts]
+        result: list[Band] = []
         carry: list[tuple[fx.Node, RowInterval]] = []
         for r in range(1, len(cuts)):
             before, after = prefix[r - 1], prefix[r]
             rows = {v: RowInterval(before[v], after[v]) for v in self.nodes}
+            if all(i.empty for i in rows.values()):
+                continue
             carry_out = []
             for v in self.nodes:
                 lows = [self.needed(u, RowInterval(after[u], after[u] + 1)).start
@@ -206,11 +239,13 @@ class _SegmentGeometry:
                 if lows and min(lows) < after[v]:
                     carry_out.append((v, RowInterval(min(lows), after[v])))
             outputs = [(o, rows[o]) for o in self.outputs if not rows[o].empty]
-            bands.append(Band(rows, outputs, carry, carry_out))
+            result.append(self._released(Band(rows, outputs, carry, carry_out)))
             carry = carry_out
-        return bands
+        return result
 
-    def overlapped(self, cuts: list[int]) -> list[Band]:
+    def overlapped(self, bands: int) -> list[Band]:
+        h_main = _height(self.main)
+        cuts = self.cuts(bands, self.prefixes, h_main)
         prefix = [self.prefixes(c) for c in cuts]
         bands: list[Band] = []
         for r in range(1, len(cuts)):
@@ -222,8 +257,22 @@ class _SegmentGeometry:
                     if not rows[u].empty:
                         need = need.hull(self.needed(u, rows[u]))
                 rows[v] = need
-            bands.append(Band(rows, [(o, i) for o, i in own.items() if not i.empty], [], []))
+            bands.append(self._released(Band(rows, [(o, i) for o, i in own.items() if not i.empty], [], [])))
         return bands
+
+    def _released(self, band: Band) -> Band:
+        """Fill ``band.release``: after each node, the segment values no later node of the band reads."""
+        last: dict[fx.Node, fx.Node] = {}
+        for u in self.nodes:
+            if band.rows[u].empty:
+                continue
+            last.setdefault(u, u)
+            for v in u.all_input_nodes:
+                if v in band.rows:
+                    last[v] = u
+        for v, u in last.items():
+            band.release.setdefault(u, []).append(v)
+        return band
 
     def overlap(self, bands: list[Band]) -> float:
         """Fraction of activation bytes computed more than once (OverL halos)."""
@@ -239,15 +288,28 @@ def _outputs(nodes: Sequence[fx.Node], static: dict[fx.Node, Any]) -> list[fx.No
 
 
 def _segment(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, rows: int,
-             static: dict[fx.Node, Any]) -> list[Segment]:
+             static: dict[fx.Node, Any]) -> Segment:
     outputs = _outputs(nodes, static)
     geo = _SegmentGeometry(nodes, rules, outputs)
-    cuts = geo.cuts(max(1, min(rows, _height(geo.main))))
-    bands = geo.two_phase(cuts) if mode == "2ps" else geo.overlapped(cuts)
-    if mode == "overl" and len(nodes) > 1 and len(cuts) > 2 and geo.overlap(bands) > MAX_OVERLAP:
-        split = _best_split(nodes, static)
-        return _segment(nodes[:split], rules, mode, rows, static) + _segment(nodes[split:], rules, mode, rows, static)
-    return [Segment(nodes, {v: rules[v] for v in nodes}, outputs, mode, bands)]
+    count = max(1, min(rows, _height(geo.main)))
+    bands = geo.two_phase(count) if mode == "2ps" else geo.overlapped(count)
+    segment = Segment(nodes, {v: rules[v] for v in nodes}, outputs, mode, bands)
+    segment.overlap = geo.overlap(bands)
+    return segment
+
+
+def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, rows: int,
+              static: dict[fx.Node, Any]) -> list[Segment]:
+    """Cut a region into segments where the estimated peak memory (and OverL's halo work) goes down."""
+    whole = [_segment(nodes, rules, mode, rows, static)]
+    if len(nodes) < 2:
+        return whole
+    split = _best_split(nodes, static)
+    parts = _segments(nodes[:split], rules, mode, rows, static) + _segments(nodes[split:], rules, mode, rows, static)
+    too_much_halo = mode == "overl" and whole[0].overlap > MAX_OVERLAP
+    if too_much_halo or estimate_segments(parts).peak_bytes < 0.9 * estimate_segments(whole).peak_bytes:
+        return parts
+    return whole
 
 
 def _best_split(nodes: list[fx.Node], static: dict[fx.Node, Any]) -> int:
@@ -256,7 +318,7 @@ def _best_split(nodes: list[fx.Node], static: dict[fx.Node, Any]) -> int:
     candidates = range(max(1, n // 3), max(2, n - n // 3))
 
     def crossing(i: int) -> int:
-        return sum(_row_bytes(v) * _height(v) for v in _outputs(nodes[:i], static))
+        return sum(_full_bytes(v) for v in _outputs(nodes[:i], static))
 
     return min(candidates, key=lambda i: (crossing(i), abs(i - n // 2)))
 
@@ -276,7 +338,7 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     steps: list[fx.Node | Segment] = []
     region_of: dict[fx.Node, list[Segment]] = {}
     for region in _regions(graph, rules, static):
-        region_of[region[0]] = _segment(region, rules, mode, rows, static)
+        region_of[region[0]] = _segments(region, rules, mode, rows, static)
     covered = {v for segs in region_of.values() for s in segs for v in s.nodes}
     for node in graph.nodes:
         if node in region_of:
@@ -298,6 +360,42 @@ def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx
         if n.op != "get_attr":
             frees[i].append(n)
     return frees
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Analytic cost of a plan from shapes alone (no run): activation peak and extra compute."""
+
+    peak_bytes: int  # activation memory above parameters and their gradients
+    extra_compute: float  # recomputed forward work as a fraction of one plain forward of the segments
+
+
+def _band_bytes(segment: Segment, band: Band) -> int:
+    return sum(_row_bytes(v) * len(band.rows[v]) for v in segment.nodes)
+
+
+def _full_bytes(node: fx.Node) -> int:
+    return _row_bytes(node) * _height(node)
+
+
+def estimate_segments(segments: Sequence[Segment]) -> Estimate:
+    """Estimate of the segments' activation peak: what stays alive until backward (segment outputs,
+    2PS boundary rows) plus the largest band's recomputed activations and their gradients."""
+    kept = 0
+    worst_band = 0
+    work = once = 0.0
+    for s in segments:
+        kept += sum(_full_bytes(o) for o in s.outputs)
+        kept += sum(_row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out)
+        worst_band = max([worst_band, *(2 * _band_bytes(s, b) for b in s.bands)])
+        once += sum(_full_bytes(v) for v in s.nodes)
+        work += sum(_band_bytes(s, b) for b in s.bands)
+    return Estimate(kept + worst_band, work / max(once, 1.0))
+
+
+def estimate(plan: Plan) -> Estimate:
+    """Analytic estimate of ``plan``'s activation peak and recompute cost (see :class:`Estimate`)."""
+    return estimate_segments(plan.segments)
 
 
 def describe(plan: Plan) -> str:
