@@ -46,7 +46,7 @@ class _BandRunner:
 
     def _run(self, carry_in: Sequence[Tensor]) -> tuple[Tensor, ...]:
         band, seg = self.band, self.segment
-        # per node: list of (tensor, rows it holds); joined lazily when a consumer reaches into the carry
+        # per node: pieces (tensor, rows it holds), oldest first: the incoming boundary rows, then new rows
         held: dict[fx.Node, list[tuple[Tensor, RowInterval]]] = {}
         for (node, rows), t in zip(band.carry_in, carry_in):
             held[node] = [(t, rows)]
@@ -57,37 +57,60 @@ class _BandRunner:
             if v not in held:  # outside the segment: a full tensor (or a whole broadcast input)
                 x = self.env[v]
                 return x if want is None else _rows(x, RowInterval(0, x.shape[2]), want)
-            pieces = held[v]
-            if len(pieces) > 1 and not pieces[-1][1].contains(want):
-                joined = torch.cat([p for p, _ in pieces], dim=2)
-                pieces[:] = [(joined, RowInterval(pieces[0][1].start, pieces[-1][1].stop))]
-            for t, have in reversed(pieces):
+            for t, have in reversed(held[v]):
                 if have.contains(want):
                     return _rows(t, have, want)
-            raise RuntimeError(f"internal: rows {want} of {v.name} not held")  # planner invariant
+            return torch.cat([_rows(t, have, RowInterval(max(want.start, have.start), min(want.stop, have.stop)))
+                              for t, have in held[v] if have.start < want.stop and want.start < have.stop], dim=2)
 
-        outputs: list[Tensor] = []
-        wanted = {node: rows for node, rows in band.outputs}
-        handed = {node: rows for node, rows in band.carry_out}
-        # a node with no new rows in this band passes (part of) its incoming boundary rows straight on
-        carries = {node: value(node, rows).clone() for node, rows in band.carry_out if band.rows[node].empty}
-        for node in seg.nodes:
-            out = band.rows[node]
-            if out.empty:
-                continue
+        def compute(node: fx.Node, out: RowInterval) -> Tensor:
             node_rule = seg.rules[node]
             need = node_rule.rule.needed(out)
             args = fx.node.map_arg(node.args, lambda v: value(v, need if v in node_rule.row_inputs else None))
             kwargs = fx.node.map_arg(node.kwargs, lambda v: value(v, need if v in node_rule.row_inputs else None))
-            held.setdefault(node, []).append((node_rule.rule.run(args, kwargs, out), out))
+            return node_rule.rule.run(args, kwargs, out)
+
+        def fresh(t: Tensor) -> Tensor:
+            return t.clone() if t._base is not None else t  # a view would keep the whole band alive
+
+        outputs: list[Tensor] = []
+        wanted = dict(band.outputs)
+        handed = dict(band.carry_out)
+        # a node with no new rows in this band passes (part of) its incoming boundary rows straight on
+        carries = {node: fresh(value(node, rows)) for node, rows in band.carry_out if band.rows[node].empty}
+        for node in seg.nodes:
+            out = band.rows[node]
+            if out.empty:
+                continue
+            split = self._split(node, out, held)
+            if out.start < split < out.stop:  # only the first rows read the boundary rows: join just those
+                result = torch.cat([compute(node, RowInterval(out.start, split)),
+                                    compute(node, RowInterval(split, out.stop))], dim=2)
+            else:
+                result = compute(node, out)
+            held.setdefault(node, []).append((result, out))
             if node in wanted:
-                t = value(node, wanted[node])
-                outputs.append(t if t._base is None else t.clone())  # a view would keep the whole band alive
+                outputs.append(fresh(value(node, wanted[node])))
             if node in handed:
-                carries[node] = value(node, handed[node]).clone()
+                carries[node] = fresh(value(node, handed[node]))
             for done in band.release.get(node, ()):
                 held.pop(done, None)
         return (*outputs, *(carries[node] for node, _ in band.carry_out))
+
+    def _split(self, node: fx.Node, out: RowInterval, held: dict[fx.Node, list[tuple[Tensor, RowInterval]]]) -> int:
+        """First output row from which every row input is read from its newest piece alone (no copy)."""
+        node_rule = self.segment.rules[node]
+        starts = [held[v][-1][1].start for v in node_rule.row_inputs if len(held.get(v, ())) > 1]
+        if not starts:
+            return out.start
+        limit, lo, hi = max(starts), out.start, out.stop
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if node_rule.rule.needed(RowInterval(mid, out.stop)).start >= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
 
 def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> None:
@@ -99,7 +122,7 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
     grad = torch.is_grad_enabled()
     for band in segment.bands:
         runner = _BandRunner(segment, band, outside, static, root)
-        if grad:
+        if grad and segment.recompute:
             result = checkpoint(runner, *carries, use_reentrant=False)
         else:
             result = runner(*carries)

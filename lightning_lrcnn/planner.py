@@ -48,6 +48,7 @@ class Segment:
     mode: str
     bands: list[Band] = field(default_factory=list)
     overlap: float = 0.0  # fraction of activation bytes computed more than once (OverL halos)
+    recompute: bool = True  # False: one full band kept for backward like the plain model (no recomputation)
 
     @property
     def name(self) -> str:
@@ -224,7 +225,7 @@ class _SegmentGeometry:
 
     def two_phase(self, bands: int) -> list[Band]:
         cuts = self.cuts(bands, self.computable, self.h_in)
-        prefix = [self.computable(c) for c in cuts]
+        prefix = [dict.fromkeys(self.nodes, 0)] + [self.computable(c) for c in cuts[1:]]
         result: list[Band] = []
         carry: list[tuple[fx.Node, RowInterval]] = []
         for r in range(1, len(cuts)):
@@ -261,18 +262,7 @@ class _SegmentGeometry:
         return bands
 
     def _released(self, band: Band) -> Band:
-        """Fill ``band.release``: after each node, the segment values no later node of the band reads."""
-        last: dict[fx.Node, fx.Node] = {}
-        for u in self.nodes:
-            if band.rows[u].empty:
-                continue
-            last.setdefault(u, u)
-            for v in u.all_input_nodes:
-                if v in band.rows:
-                    last[v] = u
-        for v, u in last.items():
-            band.release.setdefault(u, []).append(v)
-        return band
+        return _with_release(self.nodes, band)
 
     def overlap(self, bands: list[Band]) -> float:
         """Fraction of activation bytes computed more than once (OverL halos)."""
@@ -312,6 +302,42 @@ def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, r
     return whole
 
 
+def _with_release(nodes: list[fx.Node], band: Band) -> Band:
+    """Fill ``band.release``: after each node, the segment values no later node of the band reads."""
+    last: dict[fx.Node, fx.Node] = {}
+    for u in nodes:
+        if band.rows[u].empty:
+            continue
+        last.setdefault(u, u)
+        for v in u.all_input_nodes:
+            if v in band.rows:
+                last[v] = u
+    for v, u in last.items():
+        band.release.setdefault(u, []).append(v)
+    return band
+
+
+def _whole(segment: Segment) -> Band:
+    rows = {v: RowInterval(0, _height(v)) for v in segment.nodes}
+    return _with_release(segment.nodes, Band(rows, [(o, rows[o]) for o in segment.outputs], [], []))
+
+
+def _keep_small_segments(segments: list[Segment]) -> None:
+    """Run the deepest segments plainly while all their activations fit under the largest band's transient.
+
+    Low-resolution layers hold little memory but much compute: keeping them (like the plain model) costs no
+    peak memory, since they are freed by their backward before the big bands are recomputed, and saves time.
+    """
+    transient = max((2 * _band_bytes(s, b) for s in segments for b in s.bands), default=0)
+    kept = 0
+    for s in reversed(segments):
+        size = sum(_full_bytes(v) for v in s.nodes)
+        if kept + size > transient:
+            break
+        kept += size
+        s.bands, s.recompute, s.overlap = [_whole(s)], False, 0.0
+
+
 def _best_split(nodes: list[fx.Node], static: dict[fx.Node, Any]) -> int:
     """Split index near the middle where the fewest bytes must be materialised in full."""
     n = len(nodes)
@@ -339,6 +365,7 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     region_of: dict[fx.Node, list[Segment]] = {}
     for region in _regions(graph, rules, static):
         region_of[region[0]] = _segments(region, rules, mode, rows, static)
+    _keep_small_segments([s for segs in region_of.values() for s in segs])
     covered = {v for segs in region_of.values() for s in segs for v in s.nodes}
     for node in graph.nodes:
         if node in region_of:
@@ -381,16 +408,19 @@ def _full_bytes(node: fx.Node) -> int:
 def estimate_segments(segments: Sequence[Segment]) -> Estimate:
     """Estimate of the segments' activation peak: what stays alive until backward (segment outputs,
     2PS boundary rows) plus the largest band's recomputed activations and their gradients."""
-    kept = 0
+    kept = plain = 0
     worst_band = 0
     work = once = 0.0
     for s in segments:
+        if not s.recompute:
+            plain += sum(_full_bytes(v) for v in s.nodes)
+            continue
         kept += sum(_full_bytes(o) for o in s.outputs)
         kept += sum(_row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out)
         worst_band = max([worst_band, *(2 * _band_bytes(s, b) for b in s.bands)])
         once += sum(_full_bytes(v) for v in s.nodes)
         work += sum(_band_bytes(s, b) for b in s.bands)
-    return Estimate(kept + worst_band, work / max(once, 1.0))
+    return Estimate(kept + max(worst_band, plain), work / max(once, 1.0))
 
 
 def estimate(plan: Plan) -> Estimate:
@@ -402,7 +432,7 @@ def describe(plan: Plan) -> str:
     """One line per segment: nodes, bands, overlap (for logs and debugging)."""
     lines = []
     for s in plan.segments:
-        lines.append(f"{s.mode} segment {s.name}: {len(s.nodes)} nodes, {len(s.bands)} bands, "
-                     f"outputs {[o.name for o in s.outputs]}")
+        how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"
+        lines.append(f"segment {s.name}: {len(s.nodes)} nodes, {how}, overlap {s.overlap:.2f}")
     return "\n".join(lines) if lines else "no row-local region"
 

@@ -355,10 +355,11 @@ def _batchnorm_rule(m: nn.modules.batchnorm._BatchNorm, in_height: int, policy: 
             args[0], m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps))
     if policy == "per_band":
         def per_band(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-            update = not _RECOMPUTING.get()  # running statistics move once per band, never on recompute
+            mean, var = m.running_mean, m.running_var
+            if _RECOMPUTING.get():  # running statistics move once per band: a recompute updates throwaway copies
+                mean, var = mean.clone(), var.clone()
             momentum = 0.1 if m.momentum is None else m.momentum
-            return F.batch_norm(args[0], m.running_mean if update else None, m.running_var if update else None,
-                                m.weight, m.bias, True, momentum, m.eps)
+            return F.batch_norm(args[0], mean, var, m.weight, m.bias, True, momentum, m.eps)
 
         return RowRule(in_height, per_band)
     return None

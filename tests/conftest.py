@@ -1,0 +1,60 @@
+"""Shared helpers: float64 equivalence of a row-centric module against its plain twin."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_lrcnn import to_row_centric
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> None:
+    torch.manual_seed(0)
+
+
+def assert_equivalent(
+    make: Callable[[], nn.Module],
+    shape: tuple[int, ...],
+    *,
+    mode: str,
+    rows: int,
+    train: bool = False,
+    batchnorm: str = "exact",
+    dtype: torch.dtype = torch.float64,
+    **tolerance: float,
+) -> nn.Module:
+    """Output, input gradient and every parameter gradient match the plain module (and every parameter got one)."""
+    plain = make().to(dtype).train(train)
+    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=rows, batchnorm=batchnorm)
+    if batchnorm == "freeze":
+        for m in plain.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    x = torch.randn(*shape, dtype=dtype)
+    outs, grads = [], []
+    for model in (plain, converted):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        y = model(xi)
+        torch.manual_seed(2)
+        y.backward(torch.randn_like(y))
+        outs.append(y)
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[1], outs[0], **tolerance)
+    torch.testing.assert_close(grads[1], grads[0], **tolerance)
+    named = dict(plain.named_parameters())
+    for name, p in converted.named_parameters():
+        ref = named[name]
+        if ref.grad is None:
+            assert p.grad is None, f"{name} got a gradient the plain model did not"
+            continue
+        assert p.grad is not None, f"parameter {name} received no gradient"
+        torch.testing.assert_close(p.grad, ref.grad, msg=lambda m, n=name: f"{n}: {m}", **tolerance)
+    for name, b in plain.named_buffers():
+        torch.testing.assert_close(dict(converted.named_buffers())[name], b, msg=f"buffer {name}")
+    return converted

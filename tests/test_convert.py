@@ -1,0 +1,186 @@
+"""to_row_centric / restore: in place, reversible, state_dict untouched, clear errors, inference, autocast."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_lrcnn import PlanError, TraceError, is_row_centric, restore, row_centric_config, to_row_centric
+from lightning_lrcnn.convert import plan_for
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 5))
+
+
+def test_in_place_same_object_and_shared_parameters() -> None:
+    model = _net()
+    params = {n: p for n, p in model.named_parameters()}
+    out = to_row_centric(model, mode="2ps", rows=4)
+    assert out is model and is_row_centric(model)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert row_centric_config(model).rows == 4
+
+
+def test_state_dict_unchanged_and_loads_both_ways() -> None:
+    plain = _net()
+    converted = to_row_centric(copy.deepcopy(plain), mode="overl", rows=3)
+    a, b = plain.state_dict(), converted.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    converted(torch.randn(2, 3, 16, 16))  # tracing and planning add nothing to the state
+    assert list(converted.state_dict()) == list(a)
+    _net().load_state_dict(converted.state_dict(), strict=True)
+    converted.load_state_dict(plain.state_dict(), strict=True)
+
+
+def test_restore_gives_plain_behaviour_back() -> None:
+    model = _net().eval()
+    x = torch.randn(2, 3, 20, 20)
+    expected = model(x)
+    to_row_centric(model, mode="2ps", rows=5)
+    model(x)
+    assert restore(model) is model and not is_row_centric(model)
+    assert "forward" not in model.__dict__
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_convolutions_really_see_bands() -> None:
+    heights: list[int] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.convolution.default:
+                heights.append(args[0].shape[2])
+            return func(*args, **(kwargs or {}))
+
+    model = to_row_centric(torchvision.models.vgg11().features, mode="2ps", rows=4)
+    x = torch.randn(1, 3, 64, 64)
+    with Spy():
+        model(x)
+    assert heights and max(heights) < 64 // 2 + 4, heights
+    assert len(heights) > 8  # more convolution calls than layers: one per band
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_no_grad_inference_matches(mode: str) -> None:
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 77, 61)
+    with torch.no_grad():
+        expected = model(x)
+        got = to_row_centric(model, mode=mode, rows=4)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not got.requires_grad
+
+
+def test_bf16_autocast_matches_within_bf16_tolerance() -> None:
+    plain = torchvision.models.vgg11().features
+    converted = to_row_centric(copy.deepcopy(plain), mode="2ps", rows=4)
+    x = torch.randn(1, 3, 48, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = plain(x), converted(x)
+    assert b.dtype == a.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05)
+    b.float().sum().backward()
+    assert all(p.grad is not None for p in converted.parameters())
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_channels_last_and_batch_one(mode: str) -> None:
+    plain = torchvision.models.resnet18().eval().double()
+    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=3)
+    x = torch.randn(1, 3, 45, 37, dtype=torch.float64).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(converted(x), plain(x))
+
+
+def test_fewer_rows_than_bands_uses_one_band_per_row() -> None:
+    model = to_row_centric(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1)),
+                           mode="overl", rows=50)
+    x = torch.randn(1, 3, 9, 9)
+    plan = plan_for(model, x)
+    assert sum(len(s.bands) for s in plan.segments if s.outputs[0].meta["val"].shape[2] == 5) <= 5
+    assert all(len(s.bands) <= s.outputs[0].meta["val"].shape[2] for s in plan.segments)
+    model(x).sum().backward()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"mode": "rows", "rows": 2}, r"mode must be one of \('2ps', 'overl'\)"),
+    ({"mode": "2ps", "rows": 0}, "rows must be an integer >= 1"),
+    ({"mode": "2ps", "rows": 2.5}, "rows must be an integer >= 1"),
+    ({"mode": "2ps", "rows": True}, "rows must be an integer >= 1"),
+    ({"mode": "2ps", "rows": 2, "batchnorm": "frozen"}, "batchnorm must be one of"),
+])
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        to_row_centric(_net(), **kwargs)
+
+
+def test_non_4d_input_is_a_clear_error() -> None:
+    model = to_row_centric(_net(), mode="2ps", rows=2)
+    with pytest.raises(ValueError, match=r"4-D \(N, C, H, W\).*3-D"):
+        model(torch.randn(3, 16, 16))
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return self.conv(x)
+        return x
+
+
+class _Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 3, padding=1)
+        self.block = _DataDependent()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.stem(x))
+
+
+def test_untraceable_module_names_the_submodule_and_remedy() -> None:
+    model = to_row_centric(_Wrapper(), mode="2ps", rows=2)
+    with pytest.raises(TraceError, match=r"submodule 'block'.*leaf_modules=\['block'\]"):
+        model(torch.randn(1, 3, 8, 8))
+    assert not isinstance(TraceError("x"), AssertionError)
+
+
+def test_leaf_modules_make_it_work() -> None:
+    plain = _Wrapper().eval()
+    x = torch.randn(1, 3, 12, 12)
+    expected = plain(x)
+    for leaf in (["block"], [_DataDependent]):
+        model = to_row_centric(copy.deepcopy(plain), mode="overl", rows=3, leaf_modules=leaf)
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_errors_share_one_vocabulary() -> None:
+    assert issubclass(TraceError, TypeError) and issubclass(PlanError, ValueError)
+
+
+def test_plans_are_cached_per_shape_and_mode() -> None:
+    model = to_row_centric(_net(), mode="2ps", rows=2)
+    a = plan_for(model, torch.randn(1, 3, 16, 16))
+    assert plan_for(model, torch.randn(1, 3, 16, 16)) is a
+    assert plan_for(model, torch.randn(1, 3, 24, 16)) is not a
+    model.eval()
+    assert plan_for(model, torch.randn(1, 3, 16, 16)) is not a
+
+
+def test_buffers_untouched_by_planning() -> None:
+    model = _net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    to_row_centric(model, mode="2ps", rows=2)
+    plan_for(model, torch.randn(2, 3, 16, 16))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

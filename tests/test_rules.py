@@ -1,0 +1,239 @@
+"""Row rules: every supported op, alone and in small graphs, matches the plain module in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_equivalent
+from torch import nn
+
+from lightning_lrcnn import to_row_centric
+from lightning_lrcnn.convert import plan_for
+
+MODES = ("2ps", "overl")
+
+
+def _stack(*layers: nn.Module) -> callable:
+    return lambda: copy.deepcopy(nn.Sequential(*layers))  # fresh parameters for every model built
+
+
+CONVS = {
+    "k3s1p1": dict(kernel_size=3, padding=1),
+    "k3s2p1": dict(kernel_size=3, stride=2, padding=1),
+    "k7s2p3": dict(kernel_size=7, stride=2, padding=3),
+    "k1s1p0": dict(kernel_size=1),
+    "k1s2p0": dict(kernel_size=1, stride=2),
+    "k3d2p2": dict(kernel_size=3, padding=2, dilation=2),
+    "k3p0": dict(kernel_size=3, padding=0),
+    "k4s2p1": dict(kernel_size=4, stride=2, padding=1),
+    "asym_k31": dict(kernel_size=(3, 1), padding=(1, 0)),
+    "asym_k15_s21": dict(kernel_size=(1, 5), stride=(2, 1), padding=(0, 2)),
+    "asym_pad": dict(kernel_size=3, padding=(2, 0)),
+    "same_odd": dict(kernel_size=3, padding="same"),
+    "same_even": dict(kernel_size=4, padding="same"),
+    "same_dil": dict(kernel_size=3, padding="same", dilation=3),
+    "valid": dict(kernel_size=3, padding="valid"),
+    "reflect": dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    "replicate": dict(kernel_size=5, padding=2, padding_mode="replicate"),
+    "groups": dict(kernel_size=3, padding=1, groups=2),
+    "depthwise": dict(kernel_size=3, padding=1, groups=4, stride=2),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_conv2d(name: str, mode: str) -> None:
+    kw = CONVS[name]
+    make = _stack(nn.Conv2d(4, 4, **kw), nn.ReLU(inplace=True), nn.Conv2d(4, 4, **kw))
+    assert_equivalent(make, (2, 4, 23, 17), mode=mode, rows=3)
+
+
+POOLS = {
+    "max_k2s2": nn.MaxPool2d(2),
+    "max_k3s2p1": nn.MaxPool2d(3, 2, 1),
+    "max_ceil": nn.MaxPool2d(3, 2, ceil_mode=True),
+    "max_ceil_pad": nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+    "max_dil": nn.MaxPool2d(3, 1, 1, dilation=2),
+    "max_asym": nn.MaxPool2d((3, 2), (2, 1), (1, 0)),
+    "avg_k2s2": nn.AvgPool2d(2),
+    "avg_k3s2p1": nn.AvgPool2d(3, 2, 1),
+    "avg_no_pad_count": nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+    "avg_ceil": nn.AvgPool2d(3, 2, 1, ceil_mode=True),
+    "avg_ceil_nocount": nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+    "avg_divisor": nn.AvgPool2d(3, 1, 1, divisor_override=5),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(POOLS))
+def test_pooling(name: str, mode: str) -> None:
+    make = _stack(nn.Conv2d(3, 4, 3, padding=1), POOLS[name], nn.Conv2d(4, 2, 3, padding=1))
+    assert_equivalent(make, (2, 3, 25, 19), mode=mode, rows=3)
+
+
+TRANSPOSED = {
+    "k4s2p1": dict(kernel_size=4, stride=2, padding=1),
+    "k3s2p1op1": dict(kernel_size=3, stride=2, padding=1, output_padding=1),
+    "k2s2": dict(kernel_size=2, stride=2),
+    "k1s2": dict(kernel_size=1, stride=2),
+    "k3s1p1": dict(kernel_size=3, padding=1),
+    "k3s2d2": dict(kernel_size=3, stride=2, dilation=2, padding=2),
+    "groups": dict(kernel_size=4, stride=2, padding=1, groups=2),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(TRANSPOSED))
+def test_conv_transpose(name: str, mode: str) -> None:
+    make = _stack(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, **TRANSPOSED[name]),
+                  nn.Conv2d(4, 2, 3, padding=1))
+    assert_equivalent(make, (2, 3, 11, 9), mode=mode, rows=4)
+
+
+RESIZES = {
+    "nearest_x2": nn.Upsample(scale_factor=2),
+    "nearest_size": nn.Upsample(size=(29, 13)),
+    "nearest_x1.5": nn.Upsample(scale_factor=1.5),
+    "nearest_exact": nn.Upsample(scale_factor=1.7, mode="nearest-exact"),
+    "bilinear_x2": nn.Upsample(scale_factor=2, mode="bilinear"),
+    "bilinear_align": nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+    "bilinear_size": nn.Upsample(size=(31, 20), mode="bilinear"),
+    "bilinear_down": nn.Upsample(size=(7, 5), mode="bilinear", align_corners=True),
+    "nearest2d": nn.UpsamplingNearest2d(scale_factor=2),
+    "bilinear2d": nn.UpsamplingBilinear2d(scale_factor=3),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(RESIZES))
+def test_resize(name: str, mode: str) -> None:
+    make = _stack(nn.Conv2d(3, 4, 3, padding=1), RESIZES[name], nn.Conv2d(4, 2, 3, padding=1))
+    assert_equivalent(make, (2, 3, 13, 11), mode=mode, rows=3)
+
+
+ACTIVATIONS = {
+    "relu_inplace": lambda: nn.ReLU(inplace=True), "relu6": lambda: nn.ReLU6(inplace=True),
+    "leaky": lambda: nn.LeakyReLU(0.2, inplace=True), "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU("tanh"),
+    "silu": lambda: nn.SiLU(inplace=True), "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "hardswish": lambda: nn.Hardswish(inplace=True), "hardsigmoid": nn.Hardsigmoid, "elu": nn.ELU, "mish": nn.Mish,
+    "prelu": lambda: nn.PReLU(4), "softplus": nn.Softplus, "identity": nn.Identity,
+    "dropout_eval": lambda: nn.Dropout(0.5), "dropout2d_eval": lambda: nn.Dropout2d(0.3),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_pointwise_modules(act: str, mode: str) -> None:
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), ACTIVATIONS[act](),
+                             nn.Conv2d(4, 2, 3, padding=1))
+
+    converted = assert_equivalent(make, (2, 3, 15, 12), mode=mode, rows=4)
+    assert len(plan_for(converted, torch.randn(2, 3, 15, 12, dtype=torch.float64)).segments) >= 1
+
+
+class Functional(nn.Module):
+    """Functional forms, elementwise ops with tensors and scalars, cat on channels, shape-derived sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.2)
+        self.b1 = nn.Parameter(torch.randn(6) * 0.1)
+        self.wt = nn.Parameter(torch.randn(6, 4, 4, 4) * 0.2)
+        self.bn = nn.BatchNorm2d(6)
+        self.scale = nn.Parameter(torch.randn(1, 6, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.w1, self.b1, stride=1, padding=1)
+        y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False)
+        y = F.relu(y, inplace=True)
+        z = F.max_pool2d(y, 3, 2, 1)
+        z = F.leaky_relu(z, 0.1) * 2.0 + 1.0
+        z = F.avg_pool2d(z, 3, 1, 1, count_include_pad=False)
+        up = F.interpolate(z, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        y = torch.cat([y, up * self.scale], dim=1)
+        y = y[:, :6] - torch.sigmoid(y[:, 6:])
+        y = F.conv_transpose2d(y, self.wt, None, stride=2, padding=1)
+        y = torch.tanh(y).relu() + y.mul(0.5)
+        y = F.pad(y, (1, 1, 2, 0))
+        return F.dropout(y, 0.5, training=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+def test_functional_forms(mode: str, rows: int) -> None:
+    converted = assert_equivalent(Functional, (2, 3, 21, 14), mode=mode, rows=rows)
+    plan = plan_for(converted, torch.randn(2, 3, 21, 14, dtype=torch.float64))
+    assert len(plan.segments) >= 1
+    global_ops = [s for s in plan.steps if not hasattr(s, "bands") and s.op != "output"]
+    assert not global_ops, f"expected every op to be row-local, global: {global_ops}"
+
+
+class SqueezeExcite(nn.Module):
+    """A global op (adaptive pooling) in the middle of a row-local network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+        self.out = nn.Conv2d(8, 4, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * s + x)
+
+
+class TinyUNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+        self.mid = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.up2 = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.dec2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.up1 = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.dec1 = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        m = self.mid(e2)
+        d2 = F.relu(self.dec2(torch.cat([self.up2(m), e2], 1)))
+        return self.dec1(torch.cat([self.up1(d2), e1], 1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make", [SqueezeExcite, TinyUNet], ids=lambda c: c.__name__)
+def test_graphs_with_branches(make: type, mode: str) -> None:
+    assert_equivalent(make, (2, 3, 32, 20), mode=mode, rows=5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_train_mode_dropout_stays_exact(mode: str) -> None:
+    make = _stack(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout2d(0.5), nn.Conv2d(4, 2, 3, padding=1))
+    assert_equivalent(make, (2, 3, 16, 16), mode=mode, rows=4, train=True)
+
+
+def test_circular_padding_is_global_not_wrong() -> None:
+    make = _stack(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), nn.Conv2d(4, 2, 3, padding=1))
+    converted = assert_equivalent(make, (1, 3, 12, 12), mode="2ps", rows=3)
+    plan = plan_for(converted, torch.randn(1, 3, 12, 12, dtype=torch.float64))
+    assert [n.name for s in plan.segments for n in s.nodes] == ["_1"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batchnorm_policies(mode: str) -> None:
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+
+    assert_equivalent(make, (2, 3, 17, 9), mode=mode, rows=3, train=True, batchnorm="exact")
+    assert_equivalent(make, (2, 3, 17, 9), mode=mode, rows=3, train=True, batchnorm="freeze")
+    with pytest.warns(UserWarning, match="per_band"):
+        model = to_row_centric(make().double(), mode=mode, rows=3, batchnorm="per_band")
+    before = model[1].running_mean.clone()
+    model(torch.randn(2, 3, 17, 9, dtype=torch.float64)).sum().backward()
+    assert not torch.equal(before, model[1].running_mean)  # per-band statistics still move the running stats
