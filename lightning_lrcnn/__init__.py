@@ -1,5 +1,7 @@
 """lightning_lrcnn: train CNNs on high-resolution images with row-centric (LR-CNN) execution."""
 
+from .auto import Candidate, Choice, NoPlanFitsError, choose_plan
+from .callback import RowCentricTraining
 from .convert import is_row_centric, restore, row_centric_config, to_row_centric
 from .errors import PlanError, RowCentricError, TraceError
 
@@ -8,6 +10,11 @@ __all__ = [
     "restore",
     "is_row_centric",
     "row_centric_config",
+    "RowCentricTraining",
+    "choose_plan",
+    "Candidate",
+    "Choice",
+    "NoPlanFitsError",
     "RowCentricError",
     "TraceError",
     "PlanError",

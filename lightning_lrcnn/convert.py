@@ -57,10 +57,12 @@ def to_row_centric(
     module: nn.Module,
     *,
     mode: str,
-    rows: int,
+    rows: int | str,
     batchnorm: str = "exact",
     leaf_modules: LeafSpec = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
+    memory_budget: int | float | None = None,
+    example_input: Tensor | None = None,
 ) -> nn.Module:
     """Convert ``module`` in place so its row-local parts run band by band (LR-CNN row-centric dataflow).
 
@@ -70,12 +72,19 @@ def to_row_centric(
 
     Args:
         module: any torch.fx-traceable module whose first input is an ``(N, C, H, W)`` image batch.
-        mode: ``"2ps"`` (bands in order, boundary rows handed on) or ``"overl"`` (overlapping halos).
-        rows: number of row bands (int >= 1); a region with fewer output rows uses one band per row.
+        mode: ``"2ps"`` (bands in order, boundary rows handed on), ``"overl"`` (overlapping halos) or
+            ``"auto"`` (measure the plain model, 2PS and OverL on ``example_input``; keep the fastest that fits
+            ``memory_budget``; the module stays plain if that is the plain model).
+        rows: number of row bands (int >= 1; a region with fewer output rows uses one band per row), or
+            ``"auto"`` (measured, like ``mode="auto"``).
         batchnorm: ``"exact"`` (train-mode BN runs globally), ``"freeze"`` (running statistics, affine
             parameters still train) or ``"per_band"`` (per-band statistics: an approximation, warns once).
         leaf_modules: submodule types or qualified names not to trace into (they run as global ops).
         autowrap_functions: free functions to keep as single graph nodes when tracing.
+        memory_budget: for "auto": bytes (int), a fraction of the device's memory (float in (0, 1]) or None
+            (80% of it).
+        example_input: for "auto": a representative input batch, used for one probe step per candidate
+            (the probe leaves gradients, buffers and RNG as they were).
 
     Returns:
         The same ``module`` object.
@@ -88,6 +97,9 @@ def to_row_centric(
         model = to_row_centric(torchvision.models.resnet18(), mode="2ps", rows=8, batchnorm="freeze")
         model(torch.randn(2, 3, 1024, 1024)).sum().backward()
     """
+    if mode == "auto" or rows == "auto":
+        return _auto(module, mode, rows, batchnorm, tuple(leaf_modules), tuple(autowrap_functions), memory_budget,
+                     example_input)
     _check_config(mode, rows, batchnorm)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -99,6 +111,25 @@ def to_row_centric(
         restore(module)
     module.__dict__[_ATTR] = _State(config)
     module.forward = types.MethodType(_row_centric_forward, module)  # type: ignore[method-assign]
+    return module
+
+
+def _auto(module: nn.Module, mode: str, rows: Any, batchnorm: str, leaf_modules: tuple[Any, ...],
+          autowrap_functions: tuple[Any, ...], memory_budget: Any, example_input: Tensor | None) -> nn.Module:
+    from .auto import candidates_for, choose_plan, sum_outputs
+
+    candidates = candidates_for(mode, rows)
+    _check_config(candidates[-1].mode, candidates[-1].rows, batchnorm)
+    if not isinstance(example_input, Tensor):
+        raise ValueError("mode='auto' or rows='auto' needs example_input=<a representative (N, C, H, W) batch> "
+                         "to measure the candidates on")
+
+    def step() -> None:
+        sum_outputs(module(example_input)).backward()
+
+    choose_plan([module], step, memory_budget=memory_budget, candidates=candidates, batchnorm=batchnorm,
+                device=example_input.device,
+                convert_kwargs={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions})
     return module
 
 

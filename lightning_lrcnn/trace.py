@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,7 +74,11 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     rng = torch.get_rng_state()
     try:
-        with torch.no_grad():
+        # NOTE: autocast off: its weight-cast cache would otherwise keep fake copies of real parameters
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
             try:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -1,0 +1,236 @@
+"""Automatic choice of mode and band count from measured memory and time.
+
+Candidates (the plain "column" model, 2PS and OverL at several band counts) are pruned with the planner's
+analytic estimate, then measured on a real step; the fastest whose measured peak fits the budget wins.
+Every piece of state a probe step touches (gradients, buffers such as BN statistics, RNG) is restored, so
+choosing leaves the module exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import restore, row_centric_config, to_row_centric
+from .errors import RowCentricError
+from .memory import MIB, measure, time_call
+
+__all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_plan", "resolve_budget",
+           "candidates_for", "sum_outputs", "DEFAULT_CANDIDATES", "DEFAULT_BUDGET_FRACTION"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run: ``mode`` is "column" (the plain model), "2ps" or "overl"; ``rows`` the band count."""
+
+    mode: str
+    rows: int = 1
+
+    def __str__(self) -> str:
+        return "column" if self.mode == "column" else f"{self.mode}:{self.rows}"
+
+
+DEFAULT_CANDIDATES = (Candidate("column"), Candidate("2ps", 8), Candidate("2ps", 16), Candidate("2ps", 32),
+                      Candidate("overl", 8), Candidate("overl", 16))
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """What one candidate measured (or why it was skipped)."""
+
+    candidate: Candidate
+    peak_bytes: int | None
+    seconds: float | None
+    fits: bool
+    note: str = ""
+
+    def row(self) -> str:
+        peak = "-" if self.peak_bytes is None else f"{self.peak_bytes / MIB:.1f} MiB"
+        secs = "-" if self.seconds is None else f"{self.seconds:.3f} s"
+        return f"{self.candidate!s:>10}  peak {peak:>12}  time {secs:>9}  {'fits' if self.fits else 'no'} {self.note}"
+
+
+@dataclass
+class Choice:
+    """The chosen candidate and every candidate measured, with the baseline (column) figures."""
+
+    best: Candidate
+    results: list[CandidateResult] = field(default_factory=list)
+    budget_bytes: int = 0
+
+    def result(self, candidate: Candidate) -> CandidateResult | None:
+        return next((r for r in self.results if r.candidate == candidate), None)
+
+    @property
+    def baseline(self) -> CandidateResult | None:
+        return self.result(Candidate("column"))
+
+    def report(self) -> str:
+        lines = [f"budget {self.budget_bytes / MIB:.1f} MiB; chosen {self.best}"]
+        lines += [r.row() for r in self.results]
+        return "\n".join(lines)
+
+
+class NoPlanFitsError(RowCentricError, ValueError):
+    """No candidate fits the memory budget."""
+
+
+def resolve_budget(memory_budget: Any, device: torch.device) -> int:
+    """Budget in bytes: an int of bytes, a float fraction in (0, 1] of the device's memory, or None (default).
+
+    Raises:
+        ValueError: the budget is not a positive number (or a fraction above 1).
+    """
+    if memory_budget is None:
+        memory_budget = DEFAULT_BUDGET_FRACTION
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+        raise ValueError(f"memory_budget must be bytes (int > 0), a fraction of device memory (0 < float <= 1) "
+                         f"or None, got {memory_budget!r}")
+    if not memory_budget > 0:
+        raise ValueError(f"memory_budget must be > 0 (bytes, or a fraction of device memory), got {memory_budget!r}")
+    if isinstance(memory_budget, float):
+        if memory_budget > 1:
+            raise ValueError(f"memory_budget as a float is a fraction of device memory in (0, 1], got {memory_budget}; "
+                             "pass an int for bytes")
+        return int(memory_budget * _device_memory(device))
+    return int(memory_budget)
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+class _StateSnapshot:
+    """Gradients, buffers and RNG states of modules, restored exactly after a probe step."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        params = {id(p): p for m in modules for p in m.parameters()}.values()
+        buffers = {id(b): b for m in modules for b in m.buffers()}.values()
+        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in params]
+        self.buffers = [(b, b.detach().clone()) for b in buffers]
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, g in self.grads:
+                p.grad = g
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+def candidates_for(mode: str, rows: Any) -> tuple[Candidate, ...]:
+    """Candidates for ``mode``/``rows`` where either may be "auto" (mode "auto" includes the plain model).
+
+    Raises:
+        ValueError: unknown mode or bad rows.
+    """
+    if mode not in ("auto", "2ps", "overl"):
+        raise ValueError(f"mode must be one of ('auto', '2ps', 'overl'), got {mode!r}")
+    if rows != "auto" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"rows must be 'auto' or an integer >= 1, got {rows!r}")
+    modes = ("2ps", "overl") if mode == "auto" else (mode,)
+    picked = [c for c in DEFAULT_CANDIDATES if c.mode in modes and (rows == "auto" or c.rows == rows)]
+    if rows != "auto" and not picked:
+        picked = [Candidate(m, rows) for m in modes]
+    return (Candidate("column"), *picked) if mode == "auto" else tuple(picked)
+
+
+def sum_outputs(output: Any) -> torch.Tensor:
+    """A scalar that depends on every floating-point tensor of a module's output (probe loss)."""
+    total = torch.zeros(())
+    for t in torch.utils._pytree.tree_flatten(output)[0]:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            total = total.to(t.device) + t.float().sum()
+    return total
+
+
+def _apply(targets: Sequence[nn.Module], candidate: Candidate, batchnorm: str, convert_kwargs: dict[str, Any]) -> None:
+    for t in targets:
+        if candidate.mode == "column":
+            restore(t)
+        else:
+            to_row_centric(t, mode=candidate.mode, rows=candidate.rows, batchnorm=batchnorm, **convert_kwargs)
+
+
+def choose_plan(
+    targets: Sequence[nn.Module],
+    step: Callable[[], Any],
+    *,
+    memory_budget: Any = None,
+    candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
+    batchnorm: str = "exact",
+    device: torch.device | str = "cpu",
+    state_modules: Sequence[nn.Module] = (),
+    convert_kwargs: dict[str, Any] | None = None,
+) -> Choice:
+    """Measure ``candidates`` on ``step`` (one forward + backward through ``targets``) and pick the fastest
+    whose peak fits ``memory_budget``. ``targets`` are left converted to the choice (or plain for "column");
+    gradients, buffers and RNG of ``targets`` and ``state_modules`` are as before the call.
+
+    Raises:
+        ValueError: bad ``memory_budget``.
+        NoPlanFitsError: nothing fits; the message gives the smallest peak and what to change.
+    """
+    device = torch.device(device)
+    budget = resolve_budget(memory_budget, device)
+    convert_kwargs = dict(convert_kwargs or {})
+    before = [row_centric_config(t) for t in targets]
+    snapshot = _StateSnapshot([*targets, *state_modules])
+    results: list[CandidateResult] = []
+    try:
+        for candidate in candidates:
+            _apply(targets, candidate, batchnorm, convert_kwargs)
+            try:
+                step()  # plan (cached per shape) and warm up, outside the measurement
+                snapshot.restore()
+                measured = measure(step, device)
+                snapshot.restore()
+                seconds = measured.seconds if device.type == "cuda" else time_call(step, device)
+                snapshot.restore()
+            except torch.cuda.OutOfMemoryError:
+                snapshot.restore()
+                results.append(CandidateResult(candidate, None, None, False, "out of memory"))
+                continue
+            results.append(CandidateResult(candidate, measured.peak_bytes, seconds, measured.peak_bytes <= budget))
+            log.info("lrcnn probe %s", results[-1].row())
+    finally:
+        snapshot.restore()
+    fitting = [r for r in results if r.fits]
+    if not fitting:
+        for t, cfg in zip(targets, before):  # leave the targets as they came
+            if cfg is None:
+                restore(t)
+            else:
+                to_row_centric(t, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm, **convert_kwargs)
+        measured_peaks = [r for r in results if r.peak_bytes is not None]
+        smallest = min(measured_peaks, key=lambda r: r.peak_bytes or 0) if measured_peaks else None
+        found = (f"the smallest peak was {smallest.peak_bytes / MIB:.1f} MiB ({smallest.candidate})"
+                 if smallest and smallest.peak_bytes is not None else "no candidate could be measured")
+        raise NoPlanFitsError(
+            f"no candidate fits memory_budget={budget / MIB:.1f} MiB: {found}. Remedy: raise memory_budget, lower "
+            "the batch size or image size, add candidates with more rows, or use batchnorm='freeze'.")
+    best = min(fitting, key=lambda r: r.seconds or 0.0)
+    _apply(targets, best.candidate, batchnorm, convert_kwargs)
+    choice = Choice(best.candidate, results, budget)
+    log.info("lrcnn choice:\n%s", choice.report())
+    return choice
+

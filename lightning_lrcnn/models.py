@@ -1,0 +1,52 @@
+"""Networks for the Hydra app: torchvision backbones with a light head, and a small U-Net."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = ["vgg16_classifier", "UNet"]
+
+
+def vgg16_classifier(num_classes: int) -> nn.Module:
+    """torchvision VGG-16 features (random init) with global pooling and one linear layer.
+
+    The stock VGG head (two 4096-wide layers, 120M parameters) is for 224x224 ImageNet; at high resolution
+    the convolutional features are what matters, and what row-centric execution converts.
+    """
+    return nn.Sequential(torchvision.models.vgg16(weights=None).features, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(512, num_classes))
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """A small U-Net for per-pixel tasks: ``depth`` poolings, transposed-conv upsampling, skip concatenation.
+
+    Input height and width must be multiples of ``2 ** depth``.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        chans = [width * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.down = nn.ModuleList([_block(in_channels, chans[0])] + [_block(chans[i], chans[i + 1])
+                                                                     for i in range(depth)])
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList([nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))])
+        self.merge = nn.ModuleList([_block(2 * chans[i], chans[i]) for i in reversed(range(depth))])
+        self.head = nn.Conv2d(chans[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)

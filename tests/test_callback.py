@@ -1,0 +1,212 @@
+"""RowCentricTraining inside real Trainer runs: same weights, logged keys, probe invisible, resume, errors."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import glob
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchvision
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lrcnn import RowCentricTraining, is_row_centric
+
+KEYS = {"lrcnn/peak_memory_mib", "lrcnn/baseline_peak_memory_mib", "lrcnn/baseline_estimated",
+        "lrcnn/memory_saved_pct", "lrcnn/step_time_ratio", "lrcnn/rows"}
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, backbone: str = "vgg") -> None:
+        super().__init__()
+        if backbone == "resnet18":
+            self.model = torchvision.models.resnet18(num_classes=3)
+        else:
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.0))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) if hasattr(self, "model") else self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return self(batch[0])
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _data(n: int = 8, size: int = 32, dtype: torch.dtype = torch.float32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+def _trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:  # type: ignore[no-untyped-def]
+    defaults = dict(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False,
+                    enable_model_summary=False, logger=False, enable_checkpointing=False,
+                    default_root_dir=tmp_path, deterministic=True)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def _fit(tmp_path, model: pl.LightningModule, callbacks=(), **kwargs) -> pl.LightningModule:  # type: ignore[no-untyped-def]
+    pl.seed_everything(0)
+    _trainer(tmp_path, callbacks, **kwargs).fit(model, _data(dtype=torch.float64), _data(dtype=torch.float64))
+    return model
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], msg=f"state {k}")
+
+
+@pytest.mark.parametrize(("backbone", "callback"), [
+    ("resnet18", RowCentricTraining(mode="2ps", rows=3)),
+    ("vgg", RowCentricTraining(mode="overl", rows=4)),
+    ("vgg", RowCentricTraining(mode="auto", rows="auto")),
+], ids=["resnet18-2ps", "vgg-overl", "vgg-auto"])
+def test_same_weights_as_plain_training(tmp_path, backbone: str, callback: RowCentricTraining) -> None:
+    torch.manual_seed(0)
+    start = Classifier(backbone).double()
+    plain = _fit(tmp_path, copy.deepcopy(start), precision="64-true")
+    converted = _fit(tmp_path, copy.deepcopy(start), [callback], precision="64-true")
+    _assert_same_weights(plain, converted)
+    assert callback.chosen is not None
+    assert not any(is_row_centric(m) for m in converted.modules())  # restored at teardown
+
+
+def test_targets_found_automatically(tmp_path) -> None:
+    cb = RowCentricTraining(mode="2ps", rows=2)
+    model = Classifier("vgg")
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:  # type: ignore[no-untyped-def]
+            seen.append((is_row_centric(model.backbone), is_row_centric(model.head)))
+
+    _fit(tmp_path, model, [cb, Spy()], max_steps=1)
+    assert seen[0] == (True, False) and cb._names == ["backbone"]
+
+
+@pytest.mark.parametrize("logger_cls", [CSVLogger, TensorBoardLogger])
+def test_logged_keys(tmp_path, logger_cls: type) -> None:
+    cb = RowCentricTraining(mode="2ps", rows=2)
+    logger = logger_cls(tmp_path, name="run")
+    _fit(tmp_path, Classifier(), [cb], logger=logger, max_epochs=2)
+    if logger_cls is CSVLogger:
+        with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+            rows = list(csv.DictReader(f))
+        logged = {k for r in rows for k, v in r.items() if v not in ("", None)}
+        with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+            hparams = f.read()
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(glob.glob(os.path.join(logger.log_dir, "events.*"))[0])
+        acc.Reload()
+        logged = set(acc.Tags()["scalars"])
+        hparams = open(os.path.join(logger.log_dir, "hparams.yaml")).read()
+    assert KEYS <= logged, KEYS - logged
+    assert "lrcnn/epoch_peak_memory_mib" in logged
+    assert "lrcnn/mode" in hparams and "lrcnn/batchnorm" in hparams
+    m = cb.metrics()
+    assert m["lrcnn/rows"] == 2 and m["lrcnn/baseline_estimated"] == 0 and m["lrcnn/peak_memory_mib"] > 0
+
+
+def test_no_logger_still_works_and_says_so(tmp_path) -> None:
+    cb = RowCentricTraining(mode="2ps", rows=2)
+    with pytest.warns(UserWarning, match="no logger"):
+        _fit(tmp_path, Classifier(), [cb], max_steps=1)
+    assert cb.metrics()["lrcnn/rows"] == 2
+
+
+def test_probe_leaves_run_bit_identical(tmp_path) -> None:
+    torch.manual_seed(0)
+    start = Classifier("resnet18")  # train-mode BN: the probe must restore running statistics
+    fixed = _fit(tmp_path, copy.deepcopy(start), [RowCentricTraining(mode="2ps", rows=2)], max_steps=2)
+    probed = _fit(tmp_path, copy.deepcopy(start), [RowCentricTraining(mode="auto", rows="auto")], max_steps=2)
+    plain = _fit(tmp_path, copy.deepcopy(start), max_steps=2)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(fixed.state_dict()[k], probed.state_dict()[k]) or torch.allclose(
+            probed.state_dict()[k], v, rtol=1e-5, atol=1e-6), k
+        torch.testing.assert_close(probed.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_resume_and_plain_load(tmp_path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = _fit(tmp_path, Classifier(), [RowCentricTraining(mode="2ps", rows=2), ckpt],
+                 enable_checkpointing=True, max_epochs=1)
+    path = os.path.join(tmp_path, "last.ckpt")
+    state = torch.load(path, weights_only=False)
+    plain = Classifier()
+    plain.load_state_dict(state["state_dict"], strict=True)
+    _assert_same_weights(model, plain)
+    assert any("RowCentricTraining" in k for k in state["callbacks"])
+    cb = RowCentricTraining(mode="auto")
+    pl.seed_everything(0)
+    _trainer(tmp_path, [cb], max_epochs=2).fit(Classifier(), _data(), ckpt_path=path)
+    assert cb.chosen is not None and cb.chosen.rows == 2  # resumed choice, no new probe
+
+
+def test_validate_test_predict_loops(tmp_path) -> None:
+    model = Classifier().eval()
+    x = _data().dataset.tensors[0][:4]
+    with torch.no_grad():
+        expected = model(x)
+    trainer = _trainer(tmp_path, [RowCentricTraining(mode="overl", rows=3)])
+    trainer.validate(model, _data())
+    preds = trainer.predict(model, DataLoader(TensorDataset(x), batch_size=4))
+    torch.testing.assert_close(preds[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"mode": "rows"}, r"mode must be one of \('auto', '2ps', 'overl', 'off'\)"),
+    ({"rows": 0}, r"rows must be 'auto' or an int >= 1"),
+    ({"batchnorm": "x"}, "batchnorm must be one of"),
+    ({"memory_budget": -5}, "memory_budget must be > 0"),
+    ({"memory_budget": "lots"}, "memory_budget must be bytes"),
+    ({"memory_budget": 1.5}, r"fraction in \(0, 1\]"),
+    ({"targets": "backbone"}, "targets must be a list"),
+])
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(MisconfigurationException, match=match):
+        RowCentricTraining(**kwargs)
+
+
+def test_bad_targets(tmp_path) -> None:
+    with pytest.raises(MisconfigurationException, match=r"no submodule 'encoder'.*children are \['backbone', 'head'\]"):
+        _fit(tmp_path, Classifier(), [RowCentricTraining(mode="2ps", rows=2, targets=["encoder"])], max_steps=1)
+    with pytest.raises(MisconfigurationException, match="'head'.*contains no Conv2d"):
+        _fit(tmp_path, Classifier(), [RowCentricTraining(mode="2ps", rows=2, targets=["head"])], max_steps=1)
+
+
+def test_budget_too_small_for_every_candidate(tmp_path) -> None:
+    with pytest.raises(MisconfigurationException, match=r"memory_budget=16.*smallest peak.*Remedy"):
+        _fit(tmp_path, Classifier(), [RowCentricTraining(memory_budget=16)], max_steps=1)
+
+
+def test_off_does_nothing(tmp_path) -> None:
+    model = Classifier()
+    _fit(tmp_path, model, [RowCentricTraining(mode="off")], max_steps=1)
+    assert not any(is_row_centric(m) for m in model.modules())
