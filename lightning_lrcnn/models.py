@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["vgg16_classifier", "UNet"]
+__all__ = ["vgg16_classifier", "small_vgg", "UNet"]
 
 
 def vgg16_classifier(num_classes: int) -> nn.Module:
@@ -17,6 +17,22 @@ def vgg16_classifier(num_classes: int) -> nn.Module:
     """
     return nn.Sequential(torchvision.models.vgg16(weights=None).features, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(512, num_classes))
+
+
+def small_vgg(num_classes: int, width: int = 16, convs_per_stage: int = 1) -> nn.Module:
+    """A small VGG-style classifier (no BatchNorm): four conv stages, global pooling, one linear layer.
+
+    Fast enough to train on a laptop CPU at 256x256, and fully row-local up to the global pooling.
+    """
+    layers: list[nn.Module] = []
+    cin = 3
+    for i, cout in enumerate((width, 2 * width, 4 * width, 4 * width)):
+        for _ in range(convs_per_stage):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+            cin = cout
+        if i < 3:
+            layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

@@ -322,20 +322,32 @@ def _whole(segment: Segment) -> Band:
     return _with_release(segment.nodes, Band(rows, [(o, rows[o]) for o in segment.outputs], [], []))
 
 
-def _keep_small_segments(segments: list[Segment]) -> None:
-    """Run the deepest segments plainly while all their activations fit under the largest band's transient.
+def _keep_plain(segment: Segment) -> None:
+    segment.bands, segment.recompute, segment.overlap = [_whole(segment)], False, 0.0
 
-    Low-resolution layers hold little memory but much compute: keeping them (like the plain model) costs no
-    peak memory, since they are freed by their backward before the big bands are recomputed, and saves time.
+
+def _keep_small_segments(segments: list[Segment]) -> None:
+    """Run plainly (kept for backward, no recomputation) the segments where bands cannot pay off.
+
+    A segment whose inner activations are no larger than its outputs (a lone conv between train-mode
+    BatchNorms) saves nothing when banded: its inputs and outputs are materialised anyway. Deep
+    low-resolution segments hold little memory but much compute: keeping them costs no peak memory as long as
+    they fit under the largest band's transient (their backward frees them before the big bands are
+    recomputed), and saves time.
     """
-    transient = max((2 * _band_bytes(s, b) for s in segments for b in s.bands), default=0)
+    for s in segments:
+        inner = sum(_full_bytes(v) for v in s.nodes if v not in s.outputs)
+        if inner <= sum(_full_bytes(o) for o in s.outputs):
+            _keep_plain(s)
+    banded = [s for s in segments if s.recompute]
+    transient = max((2 * _band_bytes(s, b) for s in banded for b in s.bands), default=0)
     kept = 0
-    for s in reversed(segments):
+    for s in reversed(banded):
         size = sum(_full_bytes(v) for v in s.nodes)
         if kept + size > transient:
             break
         kept += size
-        s.bands, s.recompute, s.overlap = [_whole(s)], False, 0.0
+        _keep_plain(s)
 
 
 def _best_split(nodes: list[fx.Node], static: dict[fx.Node, Any]) -> int:

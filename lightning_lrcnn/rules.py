@@ -178,6 +178,8 @@ def _conv_rule(in_height: int, kernel: tuple[int, int], stride: Any, padding: An
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
         x = args[0]
+        if mode == "zeros" and pl == pr and top == bottom:  # the op's own padding: no padded copy to save
+            return run_conv(x, (top, pl), args, kwargs)
         if mode == "zeros" and pl == pr:
             return run_conv(_pad_band(x, (0, 0, top, bottom), "zeros"), (0, pl), args, kwargs)
         return run_conv(_pad_band(x, (pl, pr, top, bottom), mode), 0, args, kwargs)
@@ -228,6 +230,8 @@ def _max_pool_rule(in_height: int, kernel: Any, stride: Any, padding: Any, dilat
     sh, sw = _pair(stride if stride not in (None, [], ()) else kernel)
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
+        if top == bottom and top <= kh // 2:  # the op's own padding: no padded copy to save
+            return F.max_pool2d(args[0], (kh, kw), (sh, sw), (top, pw), (dh, dw), ceil_mode)
         x = _pad_band(args[0], (0, 0, top, bottom), "constant", -math.inf)
         return F.max_pool2d(x, (kh, kw), (sh, sw), (0, pw), (dh, dw), ceil_mode)
 
