@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .errors import TraceError
 
-__all__ = ["trace", "propagate_shapes", "LeafSpec"]
+__all__ = ["trace", "propagate_shapes", "quiet_fake_tensor_logs", "LeafSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     rng = torch.get_rng_state()
     try:
         # NOTE: autocast off: its weight-cast cache would otherwise keep fake copies of real parameters
-        with torch.no_grad(), contextlib.ExitStack() as stack:
+        with torch.no_grad(), quiet_fake_tensor_logs(), contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
@@ -93,6 +93,18 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
             for b, saved in buffers:
                 b.copy_(saved)
         torch.set_rng_state(rng)
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_logs() -> Iterator[None]:
+    """Fake-tensor failures are expected here (we fall back or report them): keep torch from logging tracebacks."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class _RealShapeProp(fx.Interpreter):

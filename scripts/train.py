@@ -33,10 +33,12 @@ def check_image_size(net: torch.nn.Module, image_size: int, model_name: str) -> 
     """Run the network on a shape-only (fake) batch so a too-small image fails here, in one line."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from lightning_lrcnn.trace import quiet_fake_tensor_logs
+
     training = net.training
     net.eval()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        with quiet_fake_tensor_logs(), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             net(torch.empty(1, 3, image_size, image_size))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
