@@ -63,6 +63,7 @@ class Plan:
     static: dict[fx.Node, Any]
     free_after: list[list[fx.Node]]
     graph: fx.Graph
+    grad_bytes: int = 0  # gradients of the trainable parameters (alive at the end of every backward)
 
     @property
     def segments(self) -> list[Segment]:
@@ -384,7 +385,8 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
             steps.extend(region_of[node])
         elif node not in covered and node not in static and node.op not in ("placeholder", "get_attr"):
             steps.append(node)
-    return Plan(steps, static, _free_after(graph, steps), graph)
+    grad_bytes = sum(p.numel() * p.element_size() for p in root.parameters() if p.requires_grad)
+    return Plan(steps, static, _free_after(graph, steps), graph, grad_bytes)
 
 
 def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx.Node]]:
@@ -405,8 +407,8 @@ def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx
 class Estimate:
     """Analytic cost of a plan from shapes alone (no run): activation peak and extra compute."""
 
-    peak_bytes: int  # activation memory above parameters and their gradients
-    extra_compute: float  # recomputed forward work as a fraction of one plain forward of the segments
+    peak_bytes: int  # activations plus parameter gradients of one training step
+    extra_compute: float  # forward work of the segments, banded (halos, recomputation) over plain
 
 
 def _band_bytes(segment: Segment, band: Band) -> int:
@@ -436,8 +438,9 @@ def estimate_segments(segments: Sequence[Segment]) -> Estimate:
 
 
 def estimate(plan: Plan) -> Estimate:
-    """Analytic estimate of ``plan``'s activation peak and recompute cost (see :class:`Estimate`)."""
-    return estimate_segments(plan.segments)
+    """Analytic estimate of ``plan``'s training-step peak and recompute cost (see :class:`Estimate`)."""
+    segments = estimate_segments(plan.segments)
+    return Estimate(segments.peak_bytes + plan.grad_bytes, segments.extra_compute)
 
 
 def describe(plan: Plan) -> str:
