@@ -16,8 +16,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from .auto import Candidate, Choice, NoPlanFitsError, candidates_for, choose_plan, resolve_budget
-from .convert import restore, to_row_centric
+from .convert import cached_plans, restore, to_row_centric
 from .memory import MIB
+from .planner import estimate, estimate_plain
 from .rules import BATCHNORM_POLICIES
 
 __all__ = ["RowCentricTraining"]
@@ -41,8 +42,8 @@ class RowCentricTraining(Callback):
     Logged to every attached logger (at the first training step, from the probe):
 
     - ``lrcnn/peak_memory_mib``: peak memory of one training step with the chosen plan
-    - ``lrcnn/baseline_peak_memory_mib``: the same for the plain model (measured, or estimated when it does
-      not fit the budget or runs out of memory; then ``lrcnn/baseline_estimated`` = 1, else 0)
+    - ``lrcnn/baseline_peak_memory_mib``: the same for the plain model (measured, or, when it runs out of
+      memory, estimated from the planner; then ``lrcnn/baseline_estimated`` = 1, else 0)
     - ``lrcnn/baseline_estimated``
     - ``lrcnn/memory_saved_pct``: ``100 * (1 - peak / baseline)``
     - ``lrcnn/step_time_ratio``: step time with the chosen plan over the plain model's (NaN if not measured)
@@ -105,6 +106,7 @@ class RowCentricTraining(Callback):
         self._modules: list[nn.Module] = []
         self._names: list[str] = []
         self._warned_no_logger = False
+        self._estimated_baseline = float("nan")
 
     # ----------------------------------------------------------------------------------------- setup / teardown
 
@@ -121,6 +123,11 @@ class RowCentricTraining(Callback):
                 f"RowCentricTraining does not support the {strategy} strategy (parameters are sharded and gathered "
                 "per module call, which band-wise execution would repeat per band). Remedy: use strategy='ddp' "
                 "or remove the callback.")
+        if getattr(pl_module, "_compiler_ctx", None):
+            raise MisconfigurationException(
+                "RowCentricTraining cannot convert a torch.compile'd LightningModule: the compiled graph would "
+                "bypass the band-wise forward. Remedy: pass the uncompiled module to the Trainer (row-centric "
+                "execution already bounds memory), or use RowCentricTraining(mode='off').")
         self._names, self._modules = self._find_targets(pl_module)
         rank_zero_info(f"RowCentricTraining: targets {self._names}")
         if self.mode != "auto" and self.rows != "auto":
@@ -204,8 +211,18 @@ class RowCentricTraining(Callback):
             self._apply(best)
         choice.best = best
         self.choice, self.chosen = choice, best
+        self._estimated_baseline = self._estimate_baseline(choice)
         rank_zero_info(f"RowCentricTraining:\n{choice.report()}")
         self._log_choice(trainer, pl_module)
+
+    def _estimate_baseline(self, choice: Choice) -> float:
+        """Plain-model peak when it could not be measured: the chosen peak scaled by the planner's estimates."""
+        chosen = choice.result(choice.best)
+        plans = [p for m in self._modules for p in cached_plans(m)[-1:]]
+        if chosen is None or chosen.peak_bytes is None or not plans:
+            return float("nan")
+        planned = sum(estimate(p).peak_bytes for p in plans)
+        return float(chosen.peak_bytes) * sum(estimate_plain(p) for p in plans) / max(planned, 1)
 
     @staticmethod
     @contextlib.contextmanager
@@ -232,8 +249,8 @@ class RowCentricTraining(Callback):
         chosen = self.choice.result(self.chosen)
         base = self.choice.baseline
         peak = float(chosen.peak_bytes) if chosen and chosen.peak_bytes is not None else float("nan")
-        estimated = base is None or base.peak_bytes is None or not base.fits
-        baseline = float(base.peak_bytes) if base and base.peak_bytes is not None else float("nan")
+        estimated = base is None or base.peak_bytes is None
+        baseline = float(base.peak_bytes) if base and base.peak_bytes is not None else self._estimated_baseline
         ratio = (chosen.seconds / base.seconds if chosen and base and chosen.seconds and base.seconds
                  and base.peak_bytes is not None else float("nan"))
         return {

@@ -151,6 +151,12 @@ def row_centric_config(module: nn.Module) -> RowCentricConfig | None:
     return state.config if state is not None else None
 
 
+def cached_plans(module: nn.Module) -> list[Plan]:
+    """The plans a converted module has built so far (one per input shape and train/eval state)."""
+    state = module.__dict__.get(_ATTR)
+    return list(state.plans.values()) if state is not None else []
+
+
 def plan_for(module: nn.Module, *args: Any, **kwargs: Any) -> Plan:
     """The plan a converted ``module`` uses for these inputs (built and cached on first use)."""
     state: _State = module.__dict__[_ATTR]

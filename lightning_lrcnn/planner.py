@@ -17,7 +17,7 @@ from .errors import PlanError
 from .geometry import RowInterval
 from .rules import NodeRule, rule_for
 
-__all__ = ["MODES", "Band", "Segment", "Plan", "Estimate", "build_plan", "describe", "estimate"]
+__all__ = ["MODES", "Band", "Segment", "Plan", "Estimate", "build_plan", "describe", "estimate", "estimate_plain"]
 
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
@@ -159,6 +159,8 @@ class _SegmentGeometry:
         inside = set(nodes)
         self.users = {v: [u for u in v.users if u in inside and v in rules[u].row_inputs] for v in nodes}
         self.main = max(outputs, key=_height)
+        heights = [_height(v) for u in nodes for v in rules[u].row_inputs if v not in inside]
+        self.h_in = max(heights) if heights else 1  # the tallest segment input sets the input progress
 
     def needed(self, u: fx.Node, rows: RowInterval) -> RowInterval:
         return self.rules[u].rule.needed(rows)
@@ -197,12 +199,6 @@ class _SegmentGeometry:
                     hi = mid - 1
             prefix[u] = lo
         return prefix
-
-    @property
-    def h_in(self) -> int:
-        inside = set(self.nodes)
-        heights = [_height(v) for u in self.nodes for v in self.rules[u].row_inputs if v not in inside]
-        return max(heights) if heights else 1
 
     def cuts(self, bands: int, progress: Callable[[int], dict[fx.Node, int]], height: int) -> list[int]:
         """Cut points of ``progress`` so every band holds about the same activation bytes (skew-balanced)."""
@@ -341,7 +337,7 @@ def _keep_small_segments(segments: list[Segment]) -> None:
         if inner <= sum(_full_bytes(o) for o in s.outputs):
             _keep_plain(s)
     banded = [s for s in segments if s.recompute]
-    transient = max((2 * _band_bytes(s, b) for s in banded for b in s.bands), default=0)
+    transient = max((_band_bytes(s, b) for s in banded for b in s.bands), default=0)
     kept = 0
     for s in reversed(banded):
         size = sum(_full_bytes(v) for v in s.nodes)
@@ -441,6 +437,11 @@ def estimate(plan: Plan) -> Estimate:
     """Analytic estimate of ``plan``'s training-step peak and recompute cost (see :class:`Estimate`)."""
     segments = estimate_segments(plan.segments)
     return Estimate(segments.peak_bytes + plan.grad_bytes, segments.extra_compute)
+
+
+def estimate_plain(plan: Plan) -> int:
+    """Analytic peak of the same step without row-centric execution: every activation kept for backward."""
+    return sum(_full_bytes(v) for s in plan.segments for v in s.nodes) + plan.grad_bytes
 
 
 def describe(plan: Plan) -> str:

@@ -73,7 +73,7 @@ def _step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def _lightstream_step(model: nn.Module, x: torch.Tensor, tile: int) -> Callable[[], None]:
     from lightstream.core.scnn.scnn import StreamingCNN  # type: ignore[import-not-found]
 
-    scnn = StreamingCNN(model, tile_shape=(1, 3, tile, tile), copy_to_gpu=False, statistics_on_cpu=True,
+    scnn = StreamingCNN(model, tile_shape=(1, 3, tile, tile), copy_to_gpu=False, statistics_on_cpu=False,
                         verbose=False)
 
     def run() -> None:
@@ -164,7 +164,7 @@ def _prepare(method: str, plain: nn.Module, x: torch.Tensor, model_name: str, ba
         if not base:
             raise RuntimeError("auto needs the plain model measured first")
         budget = int(auto_budget * base["peak_bytes"])
-        cands = [Candidate("2ps", r) for r in (8, 16, 32)] + [Candidate("overl", r) for r in (8, 16, 32)]
+        cands = [Candidate("2ps", r) for r in (16, 32)] + [Candidate("overl", r) for r in (16, 32)]
         choice = choose_plan([model], _step(model, x), memory_budget=budget, candidates=cands, batchnorm=batchnorm,
                              device=x.device)
         rec["method"] = f"auto ({choice.best}, budget {auto_budget:.0%} of plain)"
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        meta = {"device_name": name, "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+        meta = {"device_name": name, "torch": torch.__version__,
+                "date": datetime.datetime.now().isoformat(timespec="minutes")}
         for size in (int(s) for s in args.sizes.split(",")):
             for rec in run_config(args.model, size, args.batch, methods, device, args.repeats, args.auto_budget):
                 with store.open("a") as f:

@@ -211,3 +211,41 @@ def test_off_does_nothing(tmp_path) -> None:
     model = Classifier()
     _fit(tmp_path, model, [RowCentricTraining(mode="off")], max_steps=1)
     assert not any(is_row_centric(m) for m in model.modules())
+
+
+def test_baseline_estimated_when_plain_runs_out_of_memory(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import lightning_lrcnn.auto as auto
+
+    model = Classifier()
+    real = auto.measure
+
+    def out_of_memory_when_plain(fn, device):  # type: ignore[no-untyped-def]
+        if not is_row_centric(model.backbone):
+            raise torch.cuda.OutOfMemoryError("simulated: the plain model does not fit")
+        return real(fn, device)
+
+    monkeypatch.setattr(auto, "measure", out_of_memory_when_plain)
+    cb = RowCentricTraining(mode="2ps", rows=4)
+    _fit(tmp_path, model, [cb], max_steps=1)
+    m = cb.metrics()
+    assert m["lrcnn/baseline_estimated"] == 1.0
+    assert m["lrcnn/baseline_peak_memory_mib"] > m["lrcnn/peak_memory_mib"] > 0
+    assert 0 < m["lrcnn/memory_saved_pct"] < 100
+
+
+def test_compiled_module_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    compiled = torch.compile(Classifier())
+    with pytest.raises(MisconfigurationException, match=r"torch.compile'd LightningModule.*Remedy"):
+        _fit(tmp_path, compiled, [RowCentricTraining(mode="2ps", rows=2)], max_steps=1)
+
+
+def test_fsdp_is_not_implemented(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cb = RowCentricTraining(mode="2ps", rows=2)
+
+    class FakeTrainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)
+
+    with pytest.raises(NotImplementedError, match="FSDP.*Remedy: use strategy='ddp'"):
+        cb.setup(FakeTrainer(), Classifier(), "fit")  # type: ignore[arg-type]

@@ -1,0 +1,101 @@
+"""Automatic choice: pruned, measured candidates; state untouched; clear budget errors; the analytic estimate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from lightning_lrcnn import Candidate, NoPlanFitsError, choose_plan, is_row_centric, row_centric_config, to_row_centric
+from lightning_lrcnn.auto import candidates_for, resolve_budget
+from lightning_lrcnn.convert import plan_for
+from lightning_lrcnn.memory import measure
+from lightning_lrcnn.planner import estimate
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.Dropout2d(0.2), nn.ReLU())
+
+
+def _step(model: nn.Module, x: torch.Tensor):  # noqa: ANN202
+    return lambda: model(x).sum().backward()
+
+
+def test_choice_fits_budget_and_reports_every_candidate() -> None:
+    model, x = _net(), torch.randn(2, 3, 96, 96)
+    plain_peak = measure(_step(copy.deepcopy(model), x)).peak_bytes
+    budget = int(0.6 * plain_peak)
+    cands = candidates_for("auto", "auto")
+    choice = choose_plan([model], _step(model, x), memory_budget=budget, candidates=cands)
+    assert [r.candidate for r in choice.results] == list(cands)
+    best = choice.result(choice.best)
+    assert best is not None and best.fits and best.peak_bytes <= budget
+    assert choice.baseline is not None and not choice.baseline.fits  # the plain model does not fit 60% of itself
+    assert is_row_centric(model) and row_centric_config(model).rows == choice.best.rows
+    assert "chosen" in choice.report()
+
+
+def test_choice_leaves_state_untouched() -> None:
+    model = _net().train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()  # existing gradients must survive
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    choose_plan([model], _step(model, x), memory_budget=2**40, candidates=candidates_for("auto", "auto"))
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_nothing_fits_is_a_clear_error_and_leaves_module_as_it_came() -> None:
+    model = _net()
+    with pytest.raises(NoPlanFitsError, match=r"no candidate fits memory_budget=0.0 MiB: the smallest peak was .* MiB"):
+        choose_plan([model], _step(model, torch.randn(1, 3, 32, 32)), memory_budget=1)
+    assert not is_row_centric(model)
+
+
+@pytest.mark.parametrize("budget", [-1, 0, 0.0, "1GB", [1], True, 1.5, float("nan")])
+def test_bad_budgets(budget: object) -> None:
+    with pytest.raises(ValueError, match="memory_budget"):
+        resolve_budget(budget, torch.device("cpu"))
+
+
+def test_budget_forms() -> None:
+    assert resolve_budget(123, torch.device("cpu")) == 123
+    assert 0 < resolve_budget(0.5, torch.device("cpu")) < resolve_budget(None, torch.device("cpu")) * 0.7
+
+
+def test_to_row_centric_auto() -> None:
+    model, x = _net(), torch.randn(1, 3, 64, 64)
+    out = to_row_centric(model, mode="auto", rows="auto", memory_budget=2**40, example_input=x)
+    assert out is model
+    with pytest.raises(ValueError, match="example_input"):
+        to_row_centric(_net(), mode="auto", rows="auto")
+    with pytest.raises(ValueError, match="rows must be 'auto' or an integer"):
+        to_row_centric(_net(), mode="auto", rows=-2, example_input=x)
+    assert [c.mode for c in candidates_for("2ps", "auto")] == ["2ps"] * 3
+    assert candidates_for("auto", 5) == (Candidate("column"), Candidate("2ps", 5), Candidate("overl", 5))
+
+
+def test_estimate_orders_plans_like_measurement() -> None:
+    """The estimate is used to prune candidates: it must rank a coarse and a fine band plan as measured."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 256, 256)
+    peaks, estimates = [], []
+    for rows in (2, 16):
+        model = to_row_centric(torchvision.models.vgg11().features, mode="overl", rows=rows)
+
+        def step(model: nn.Module = model) -> None:
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+
+        step()
+        peaks.append(measure(step).peak_bytes)
+        estimates.append(estimate(plan_for(model, x)).peak_bytes)
+    assert peaks[1] < peaks[0] and estimates[1] < estimates[0]
+    assert all(e > 0 for e in estimates)
