@@ -129,7 +129,7 @@ class _StateSnapshot:
     def restore(self) -> None:
         with torch.no_grad():
             for p, g in self.grads:
-                p.grad = g
+                p.grad = None if g is None else g.clone()  # a probe step accumulates into .grad in place
             for b, saved in self.buffers:
                 b.copy_(saved)
         torch.set_rng_state(self.cpu_rng)

@@ -107,6 +107,8 @@ def to_row_centric(
         warnings.warn("batchnorm='per_band' normalises each band with its own statistics: this approximates "
                       "train-mode BatchNorm and does not match the plain model", UserWarning, stacklevel=2)
     config = RowCentricConfig(mode, rows, batchnorm, tuple(leaf_modules), tuple(autowrap_functions))
+    if row_centric_config(module) == config:
+        return module  # already converted this way: keep the traces and plans
     if is_row_centric(module):
         restore(module)
     module.__dict__[_ATTR] = _State(config)

@@ -323,7 +323,7 @@ def _keep_plain(segment: Segment) -> None:
     segment.bands, segment.recompute, segment.overlap = [_whole(segment)], False, 0.0
 
 
-def _keep_small_segments(segments: list[Segment]) -> None:
+def _keep_small_segments(segments: list[Segment], param_bytes: dict[fx.Node, int]) -> None:
     """Run plainly (kept for backward, no recomputation) the segments where bands cannot pay off.
 
     A segment whose inner activations are no larger than its outputs (a lone conv between train-mode
@@ -340,10 +340,15 @@ def _keep_small_segments(segments: list[Segment]) -> None:
     transient = max((_band_bytes(s, b) for s in banded for b in s.bands), default=0)
     kept = 0
     for s in reversed(banded):
-        size = sum(_full_bytes(v) for v in s.nodes)
-        if kept + size > transient:
+        # what keeping costs beyond the banded run, which holds its outputs and 2PS boundary rows anyway, and
+        # sums one weight gradient per band (a temporary as large as its largest weight)
+        held = sum(_full_bytes(o) for o in s.outputs) + sum(
+            _row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out) + max(
+            (param_bytes.get(v, 0) for v in s.nodes), default=0)
+        extra = max(0, sum(_full_bytes(v) for v in s.nodes) - held)
+        if kept + extra > transient:
             break
-        kept += size
+        kept += extra
         _keep_plain(s)
 
 
@@ -374,7 +379,9 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     region_of: dict[fx.Node, list[Segment]] = {}
     for region in _regions(graph, rules, static):
         region_of[region[0]] = _segments(region, rules, mode, rows, static)
-    _keep_small_segments([s for segs in region_of.values() for s in segs])
+    param_bytes = {n: sum(p.numel() * p.element_size() for p in root.get_submodule(str(n.target)).parameters())
+                   for n in graph.nodes if n.op == "call_module"}
+    _keep_small_segments([s for segs in region_of.values() for s in segs], param_bytes)
     covered = {v for segs in region_of.values() for s in segs for v in s.nodes}
     for node in graph.nodes:
         if node in region_of:

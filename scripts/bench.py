@@ -88,6 +88,13 @@ def _lightstream_step(model: nn.Module, x: torch.Tensor, tile: int) -> Callable[
     return run
 
 
+def _no_inplace(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    return model
+
+
 def _grads(model: nn.Module) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
 
@@ -143,7 +150,7 @@ def _prepare(method: str, plain: nn.Module, x: torch.Tensor, model_name: str, ba
     if method == "plain":
         return plain, _step(plain, x), None
     if method == "checkpoint":
-        model = copy.deepcopy(plain)
+        model = _no_inplace(copy.deepcopy(plain))  # a checkpointed segment must not overwrite its input
 
         def step() -> None:
             model.zero_grad(set_to_none=True)
@@ -154,10 +161,7 @@ def _prepare(method: str, plain: nn.Module, x: torch.Tensor, model_name: str, ba
     if method == "lightstream":
         if model_name != "vgg16":
             raise RuntimeError("lightstream streams conv/pool trunks only (no BatchNorm, no residual heads)")
-        model = copy.deepcopy(plain)
-        for m in model.modules():  # lightstream's backward hooks cannot see in-place activations
-            if hasattr(m, "inplace"):
-                m.inplace = False
+        model = _no_inplace(copy.deepcopy(plain))  # lightstream's backward hooks cannot see in-place activations
         return model, _lightstream_step(model, x, tile=min(x.shape[-1], 448)), None
     model = copy.deepcopy(plain)
     if method == "auto":
@@ -191,7 +195,10 @@ def render(records: list[dict[str, Any]]) -> None:
     for r in records:
         groups.setdefault((r["device_name"], r["model"], r["size"], r["batch"], r["date"]), []).append(r)
     for (device, model, size, batch, date), rows in groups.items():
-        lines += [f"## {model}, {size}x{size}, batch {batch} — {device} ({date}, torch {rows[0]['torch']})", "",
+        lines += [f"## {model}, {size}x{size}, batch {batch} — {device} ({date}, torch {rows[0]['torch']})", ""]
+        if rows[0].get("note"):
+            lines += [rows[0]["note"], ""]
+        lines += [
                   "| method | peak MiB | peak / plain | step s | time / plain | est. MiB | grad err |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
