@@ -255,3 +255,19 @@ def test_fsdp_is_not_implemented(tmp_path) -> None:  # type: ignore[no-untyped-d
 
     with pytest.raises(NotImplementedError, match="FSDP.*Remedy: use strategy='ddp'"):
         cb.setup(FakeTrainer(), Classifier(), "fit")  # type: ignore[arg-type]
+
+
+def test_accumulation_and_clipping_same_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    start = Classifier("vgg").double()
+    kwargs = dict(precision="64-true", accumulate_grad_batches=2, gradient_clip_val=0.05, max_epochs=2)
+    plain = _fit(tmp_path, copy.deepcopy(start), **kwargs)
+    converted = _fit(tmp_path, copy.deepcopy(start), [RowCentricTraining(mode="2ps", rows=3)], **kwargs)
+    _assert_same_weights(plain, converted)
+
+
+def test_bf16_mixed_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cb = RowCentricTraining(mode="overl", rows=3)
+    model = _fit(tmp_path, Classifier(), [cb], precision="bf16-mixed", max_steps=2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert cb.metrics()["lrcnn/peak_memory_mib"] > 0
