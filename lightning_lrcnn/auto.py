@@ -1,7 +1,9 @@
 """Automatic choice of mode and band count from measured memory and time.
 
-Candidates (the plain "column" model, 2PS and OverL at several band counts) are pruned with the planner's
-analytic estimate, then measured on a real step; the fastest whose measured peak fits the budget wins.
+Candidates (the plain "column" model, 2PS and OverL at several band counts) are pruned with the analytic
+estimate (``lightning_lrcnn.estimate``: a candidate whose targets alone are estimated above the budget, by more
+than the estimate's error, is not run), then measured on a real step; the fastest whose measured peak fits
+the budget wins.
 Every piece of state a probe step touches (gradients, buffers such as BN statistics, RNG) is restored, so
 choosing leaves the module exactly as it was.
 """
@@ -17,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import restore, row_centric_config, to_row_centric
+from .convert import plan_for, restore, row_centric_config, to_row_centric
 from .errors import RowCentricError
+from .estimate import estimate, estimate_plain
 from .memory import MIB, measure, time_call
 
 __all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_plan", "resolve_budget",
@@ -27,6 +30,8 @@ __all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_FRACTION = 0.8
+# the estimate is within about 10% of measured peaks (tests/test_estimate.py): prune only beyond this margin
+ESTIMATE_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,14 @@ class CandidateResult:
     seconds: float | None
     fits: bool
     note: str = ""
+    estimate_bytes: int | None = None  # analytic estimate for the targets alone (None: no estimate)
 
     def row(self) -> str:
         peak = "-" if self.peak_bytes is None else f"{self.peak_bytes / MIB:.1f} MiB"
+        est = "-" if self.estimate_bytes is None else f"{self.estimate_bytes / MIB:.1f} MiB"
         secs = "-" if self.seconds is None else f"{self.seconds:.3f} s"
-        return f"{self.candidate!s:>10}  peak {peak:>12}  time {secs:>9}  {'fits' if self.fits else 'no'} {self.note}"
+        return (f"{self.candidate!s:>10}  estimate {est:>12}  peak {peak:>12}  time {secs:>9}  "
+                f"{'fits' if self.fits else 'no'} {self.note}")
 
 
 @dataclass
@@ -163,6 +171,51 @@ def sum_outputs(output: Any) -> torch.Tensor:
     return total
 
 
+class _Captured(Exception):
+    """Stops a step once every target's inputs are known (nothing computed, nothing allocated)."""
+
+
+def _capture_inputs(targets: Sequence[nn.Module], step: Callable[[], Any]) -> list[tuple[tuple, dict]] | None:
+    """The inputs each target receives in ``step``, got by stopping the step at the last target's call.
+
+    None when some target is not called (or the step fails before): then nothing is estimated.
+    """
+    seen: dict[int, tuple[tuple, dict]] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.setdefault(id(module), (args, kwargs))
+        if len(seen) == len(targets):
+            raise _Captured
+
+    handles = [t.register_forward_pre_hook(hook, with_kwargs=True) for t in targets]
+    try:
+        step()
+    except _Captured:
+        pass
+    except Exception as exc:  # the measurement below will meet the same error and report it
+        log.debug("lrcnn: could not capture target inputs for the estimate: %s", exc)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[id(t)] for t in targets] if len(seen) == len(targets) else None
+
+
+def _estimate(targets: Sequence[nn.Module], inputs: list[tuple[tuple, dict]], candidate: Candidate,
+              batchnorm: str, convert_kwargs: dict[str, Any]) -> int | None:
+    """Summed analytic peak of the targets under ``candidate`` (the plain model's for "column")."""
+    try:
+        total = 0
+        for t, (args, kwargs) in zip(targets, inputs):
+            mode = "2ps" if candidate.mode == "column" else candidate.mode
+            to_row_centric(t, mode=mode, rows=candidate.rows, batchnorm=batchnorm, **convert_kwargs)
+            plan = plan_for(t, *args, **kwargs)
+            total += estimate_plain(plan) if candidate.mode == "column" else estimate(plan).peak_bytes
+        return total
+    except Exception as exc:  # an estimate is advice: measuring will report real errors
+        log.debug("lrcnn: no estimate for %s: %s", candidate, exc)
+        return None
+
+
 def _apply(targets: Sequence[nn.Module], candidate: Candidate, batchnorm: str, convert_kwargs: dict[str, Any]) -> None:
     for t in targets:
         if candidate.mode == "column":
@@ -197,7 +250,14 @@ def choose_plan(
     snapshot = _StateSnapshot([*targets, *state_modules])
     results: list[CandidateResult] = []
     try:
+        inputs = _capture_inputs(targets, step)
+        snapshot.restore()
         for candidate in candidates:
+            est = None if inputs is None else _estimate(targets, inputs, candidate, batchnorm, convert_kwargs)
+            if est is not None and est > ESTIMATE_MARGIN * budget:
+                results.append(CandidateResult(candidate, None, None, False, "skipped: estimate over budget", est))
+                log.info("lrcnn probe %s", results[-1].row())
+                continue
             _apply(targets, candidate, batchnorm, convert_kwargs)
             try:
                 step()  # plan (cached per shape) and warm up, outside the measurement
@@ -208,9 +268,10 @@ def choose_plan(
                 snapshot.restore()
             except torch.cuda.OutOfMemoryError:
                 snapshot.restore()
-                results.append(CandidateResult(candidate, None, None, False, "out of memory"))
+                results.append(CandidateResult(candidate, None, None, False, "out of memory", est))
                 continue
-            results.append(CandidateResult(candidate, measured.peak_bytes, seconds, measured.peak_bytes <= budget))
+            results.append(CandidateResult(candidate, measured.peak_bytes, seconds, measured.peak_bytes <= budget,
+                                           estimate_bytes=est))
             log.info("lrcnn probe %s", results[-1].row())
     finally:
         snapshot.restore()
@@ -223,8 +284,14 @@ def choose_plan(
                 to_row_centric(t, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm, **convert_kwargs)
         measured_peaks = [r for r in results if r.peak_bytes is not None]
         smallest = min(measured_peaks, key=lambda r: r.peak_bytes or 0) if measured_peaks else None
-        found = (f"the smallest peak was {smallest.peak_bytes / MIB:.1f} MiB ({smallest.candidate})"
-                 if smallest and smallest.peak_bytes is not None else "no candidate could be measured")
+        estimated = [r for r in results if r.estimate_bytes is not None]
+        least = min(estimated, key=lambda r: r.estimate_bytes or 0) if estimated else None
+        if smallest and smallest.peak_bytes is not None:
+            found = f"the smallest peak was {smallest.peak_bytes / MIB:.1f} MiB ({smallest.candidate})"
+        elif least and least.estimate_bytes is not None:
+            found = f"the smallest estimated peak was {least.estimate_bytes / MIB:.1f} MiB ({least.candidate})"
+        else:
+            found = "no candidate could be measured"
         raise NoPlanFitsError(
             f"no candidate fits memory_budget={budget / MIB:.1f} MiB: {found}. Remedy: raise memory_budget, lower "
             "the batch size or image size, add candidates with more rows, or use batchnorm='freeze'.")

@@ -18,7 +18,7 @@ from torch import nn
 from .auto import Candidate, Choice, NoPlanFitsError, candidates_for, choose_plan, resolve_budget
 from .convert import cached_plans, restore, to_row_centric
 from .memory import MIB
-from .planner import estimate, estimate_plain
+from .estimate import estimate, estimate_plain
 from .rules import BATCHNORM_POLICIES
 
 __all__ = ["RowCentricTraining"]

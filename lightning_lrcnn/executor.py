@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .geometry import RowInterval
 from .planner import Band, Plan, Segment
 from .rules import recomputing
+from .trace import fetch_attr
 
 __all__ = ["run_plan"]
 
@@ -31,32 +32,75 @@ def _rows(t: Tensor, have: RowInterval, want: RowInterval) -> Tensor:
     return t[:, :, want.start - have.start : want.stop - have.start]
 
 
+class _RowSlices(torch.autograd.Function):
+    """The rows each band reads of a segment input, as views; backward sums the bands' gradients once.
+
+    Slicing inside every band instead would make autograd expand each band's gradient to a zero-filled tensor
+    of the whole input and add it to the running sum: three input-sized tensors per band in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, intervals: tuple[RowInterval, ...]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.shape, ctx.intervals = x.shape, intervals
+        return tuple(x[:, :, r.start : r.stop] for r in intervals)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        total = grads[0].new_zeros(ctx.shape)
+        for g, r in zip(grads, ctx.intervals):
+            total[:, :, r.start : r.stop] += g
+        return total, None
+
+
+def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> list[list[Tensor]]:
+    """Per band, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_RowSlices`)."""
+    per_band: list[list[Tensor]] = [[] for _ in segment.bands]
+    wanted: dict[fx.Node, list[tuple[int, RowInterval]]] = {}
+    for i, band in enumerate(segment.bands):
+        for node, rows in band.inputs:
+            wanted.setdefault(node, []).append((i, rows))
+    slots = {(i, node): k for i, band in enumerate(segment.bands) for k, (node, _) in enumerate(band.inputs)}
+    for node, uses in wanted.items():
+        x = env[node]
+        intervals = tuple(rows for _, rows in uses)
+        if x.requires_grad and torch.is_grad_enabled():
+            slices = _RowSlices.apply(x, intervals)
+        else:
+            slices = tuple(x[:, :, r.start : r.stop] for r in intervals)
+        for (i, _), t in zip(uses, slices):
+            per_band[i].append((slots[i, node], t))
+    return [[t for _, t in sorted(items, key=lambda kt: kt[0])] for items in per_band]  # type: ignore[misc]
+
+
 class _BandRunner:
-    """Computes one band of a segment: ``(*carry_in) -> (*output_rows, *carry_out)``."""
+    """Computes one band of a segment: ``(*carry_in, *input_rows) -> (*output_rows, *carry_out)``."""
 
     def __init__(self, segment: Segment, band: Band, env: dict[fx.Node, Any], static: dict[fx.Node, Any],
                  root: nn.Module) -> None:
         self.segment, self.band, self.env, self.static, self.root = segment, band, env, static, root
         self.calls = 0
 
-    def __call__(self, *carry_in: Tensor) -> tuple[Tensor, ...]:
+    def __call__(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         with recomputing(self.calls > 0):
             self.calls += 1
-            return self._run(carry_in)
+            return self._run(tensors)
 
-    def _run(self, carry_in: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    def _run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
         band, seg = self.band, self.segment
-        # per node: pieces (tensor, rows it holds), oldest first: the incoming boundary rows, then new rows
+        # per node: pieces (tensor, rows it holds), oldest first: the incoming boundary rows, then new rows;
+        # the segment's outside row inputs: the rows this band reads
         held: dict[fx.Node, list[tuple[Tensor, RowInterval]]] = {}
-        for (node, rows), t in zip(band.carry_in, carry_in):
+        for (node, rows), t in zip([*band.carry_in, *band.inputs], tensors):
             held[node] = [(t, rows)]
 
         def value(v: fx.Node, want: RowInterval | None) -> Any:
             if v in self.static:
                 return self.static[v]
-            if v not in held:  # outside the segment: a full tensor (or a whole broadcast input)
+            if v not in held:  # outside the segment: a whole (broadcast) input, or a full tensor
                 x = self.env[v]
                 return x if want is None else _rows(x, RowInterval(0, x.shape[2]), want)
+            if want is None:  # an outside row input also read whole
+                return self.env[v]
             for t, have in reversed(held[v]):
                 if have.contains(want):
                     return _rows(t, have, want)
@@ -120,25 +164,18 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
     pieces: dict[fx.Node, list[Tensor]] = {o: [] for o in segment.outputs}
     carries: tuple[Tensor, ...] = ()
     grad = torch.is_grad_enabled()
-    for band in segment.bands:
+    for band, inputs in zip(segment.bands, _band_inputs(segment, outside)):
         runner = _BandRunner(segment, band, outside, static, root)
         if grad and segment.recompute:
-            result = checkpoint(runner, *carries, use_reentrant=False)
+            result = checkpoint(runner, *carries, *inputs, use_reentrant=False)
         else:
-            result = runner(*carries)
+            result = runner(*carries, *inputs)
         n_out = len(band.outputs)
         for (node, _), t in zip(band.outputs, result[:n_out]):
             pieces[node].append(t)
         carries = tuple(result[n_out:])
     for node, parts in pieces.items():
         env[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-
-def _fetch_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for name in target.split("."):
-        obj = getattr(obj, name)
-    return obj
 
 
 def _run_node(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> Any:
@@ -166,7 +203,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
         env[node] = value
     for node in plan.graph.nodes:
         if node.op == "get_attr":
-            env[node] = _fetch_attr(root, str(node.target))
+            env[node] = fetch_attr(root, str(node.target))
     result = None
     for step, frees in zip(plan.steps, plan.free_after):
         if isinstance(step, Segment):

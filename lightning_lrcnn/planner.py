@@ -16,8 +16,9 @@ from torch import Tensor, fx, nn
 from .errors import PlanError
 from .geometry import RowInterval
 from .rules import NodeRule, rule_for
+from .trace import fetch_attr
 
-__all__ = ["MODES", "Band", "Segment", "Plan", "Estimate", "build_plan", "describe", "estimate", "estimate_plain"]
+__all__ = ["MODES", "Band", "Segment", "Plan", "build_plan", "describe"]
 
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
@@ -36,6 +37,7 @@ class Band:
     carry_in: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows received from earlier bands
     carry_out: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows handed to later bands
     release: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # after node: values no longer read
+    inputs: list[tuple[fx.Node, RowInterval]] = field(default_factory=list)  # rows read of row inputs from outside
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Plan:
     static: dict[fx.Node, Any]
     free_after: list[list[fx.Node]]
     graph: fx.Graph
-    grad_bytes: int = 0  # gradients of the trainable parameters (alive at the end of every backward)
+    param_grads: dict[fx.Node, int] = field(default_factory=dict)  # bytes of the trainable parameters a node uses
 
     @property
     def segments(self) -> list[Segment]:
@@ -259,6 +261,17 @@ class _SegmentGeometry:
         return bands
 
     def _released(self, band: Band) -> Band:
+        """Fill in what a band frees after each node and which rows it reads of the segment's outside inputs."""
+        inside = set(self.nodes)
+        reads: dict[fx.Node, RowInterval] = {}
+        for v in self.nodes:
+            if band.rows[v].empty:
+                continue
+            for u in self.rules[v].row_inputs:
+                if u not in inside:
+                    need = self.needed(v, band.rows[v]).clamp(_height(u))
+                    reads[u] = reads[u].hull(need) if u in reads else need
+        band.inputs = list(reads.items())
         return _with_release(self.nodes, band)
 
     def overlap(self, bands: list[Band]) -> float:
@@ -294,7 +307,7 @@ def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, r
     split = _best_split(nodes, static)
     parts = _segments(nodes[:split], rules, mode, rows, static) + _segments(nodes[split:], rules, mode, rows, static)
     too_much_halo = mode == "overl" and whole[0].overlap > MAX_OVERLAP
-    if too_much_halo or estimate_segments(parts).peak_bytes < 0.9 * estimate_segments(whole).peak_bytes:
+    if too_much_halo or _split_cost(parts) < 0.9 * _split_cost(whole):
         return parts
     return whole
 
@@ -388,8 +401,23 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
             steps.extend(region_of[node])
         elif node not in covered and node not in static and node.op not in ("placeholder", "get_attr"):
             steps.append(node)
-    grad_bytes = sum(p.numel() * p.element_size() for p in root.parameters() if p.requires_grad)
-    return Plan(steps, static, _free_after(graph, steps), graph, grad_bytes)
+    return Plan(steps, static, _free_after(graph, steps), graph, _param_grads(graph, root))
+
+
+def _param_grads(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, int]:
+    """Bytes of the trainable parameters each node uses (a ``get_attr`` parameter counts for its first user)."""
+    grads: dict[fx.Node, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            params = list(root.get_submodule(str(node.target)).parameters())
+        elif node.op == "get_attr" and node.users:
+            value = fetch_attr(root, str(node.target))
+            params, node = ([value] if isinstance(value, nn.Parameter) else []), next(iter(node.users))
+        else:
+            continue
+        nbytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        grads[node] = grads.get(node, 0) + nbytes
+    return grads
 
 
 def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx.Node]]:
@@ -406,14 +434,6 @@ def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx
     return frees
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """Analytic cost of a plan from shapes alone (no run): activation peak and extra compute."""
-
-    peak_bytes: int  # activations plus parameter gradients of one training step
-    extra_compute: float  # forward work of the segments, banded (halos, recomputation) over plain
-
-
 def _band_bytes(segment: Segment, band: Band) -> int:
     return sum(_row_bytes(v) * len(band.rows[v]) for v in segment.nodes)
 
@@ -422,33 +442,16 @@ def _full_bytes(node: fx.Node) -> int:
     return _row_bytes(node) * _height(node)
 
 
-def estimate_segments(segments: Sequence[Segment]) -> Estimate:
-    """Estimate of the segments' activation peak: what stays alive until backward (segment outputs,
-    2PS boundary rows) plus the largest band's recomputed activations and their gradients."""
-    kept = plain = 0
-    worst_band = 0
-    work = once = 0.0
+def _split_cost(segments: Sequence[Segment]) -> int:
+    """Rough activation peak used to decide where to cut a region: what stays alive until backward (segment
+    outputs, 2PS boundary rows) plus the largest band's activations and their gradients. The plan's real
+    estimate (``lightning_lrcnn.estimate``) needs saved-tensor sizes and the whole plan."""
+    kept = worst_band = 0
     for s in segments:
-        if not s.recompute:
-            plain += sum(_full_bytes(v) for v in s.nodes)
-            continue
         kept += sum(_full_bytes(o) for o in s.outputs)
         kept += sum(_row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out)
         worst_band = max([worst_band, *(2 * _band_bytes(s, b) for b in s.bands)])
-        once += sum(_full_bytes(v) for v in s.nodes)
-        work += sum(_band_bytes(s, b) for b in s.bands)
-    return Estimate(kept + max(worst_band, plain), work / max(once, 1.0))
-
-
-def estimate(plan: Plan) -> Estimate:
-    """Analytic estimate of ``plan``'s training-step peak and recompute cost (see :class:`Estimate`)."""
-    segments = estimate_segments(plan.segments)
-    return Estimate(segments.peak_bytes + plan.grad_bytes, segments.extra_compute)
-
-
-def estimate_plain(plan: Plan) -> int:
-    """Analytic peak of the same step without row-centric execution: every activation kept for backward."""
-    return sum(_full_bytes(v) for s in plan.segments for v in s.nodes) + plan.grad_bytes
+    return kept + worst_band
 
 
 def describe(plan: Plan) -> str:

@@ -13,7 +13,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .errors import TraceError
 
-__all__ = ["trace", "propagate_shapes", "quiet_fake_tensor_logs", "LeafSpec"]
+__all__ = ["trace", "propagate_shapes", "fetch_attr", "quiet_fake_tensor_logs", "LeafSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,14 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (),
 
 
 def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
-    """Fill ``node.meta["val"]`` with fake (shape-only) values for ``args``, leaving every buffer and RNG as is."""
+    """Fill ``node.meta["val"]`` with fake (shape-only) values for ``args`` and, where fake tensors can run the
+    module, ``node.meta["saved_output"]``/``["saved_internal"]`` with the bytes autograd saves for backward (see
+    :class:`_SavedTensorProp`), leaving every buffer and RNG as is."""
     buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     rng = torch.get_rng_state()
     try:
         # NOTE: autocast off: its weight-cast cache would otherwise keep fake copies of real parameters
-        with torch.no_grad(), quiet_fake_tensor_logs(), contextlib.ExitStack() as stack:
+        with quiet_fake_tensor_logs(), contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
@@ -84,15 +86,77 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
 
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
                 fake = [mode.from_tensor(a) if isinstance(a, Tensor) else a for a in args]
-                FakeTensorProp(gm, mode).propagate(*fake)
+                with torch.enable_grad():
+                    _SavedTensorProp(gm, mode).propagate(*fake)
             except Exception as exc:  # some ops have no fake kernel: fall back to one real no-grad run
                 log.debug("fake shape propagation failed (%s); running the module once", exc)
-                _RealShapeProp(gm).run(*args)
+                with torch.no_grad():
+                    _RealShapeProp(gm).run(*args)
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
         torch.set_rng_state(rng)
+
+
+class _SavedTensorProp(FakeTensorProp):
+    """Fake propagation with autograd on, recording what each node's backward will hold.
+
+    Once per storage, what autograd saves that a node allocated: ``saved_output``, its output's bytes when an op
+    saves it (the node that last wrote a storage owns it, so an in-place ReLU owns the convolution output it
+    overwrote), and ``saved_internal``, buffers the op saves for itself (max-pool indices, BN statistics).
+    Parameters, buffers and graph inputs exist before the step and are not counted.
+    """
+
+    def __init__(self, gm: fx.GraphModule, mode: Any) -> None:
+        super().__init__(gm, mode)
+        self.owner: dict[int, fx.Node] = {}
+        self.saved: dict[int, tuple[fx.Node, int]] = {}  # storage -> (node that saved it, bytes)
+        self.current: fx.Node | None = None
+        self.alive: list[Any] = []  # fake results held so no storage address is reused during the run
+
+    def propagate(self, *args: Any) -> Any:
+        # autograd saves the real parameters and buffers themselves (converted to fake only inside each op)
+        before = {_storage(t) for t in [*args, *self.module.parameters(), *self.module.buffers()]
+                  if isinstance(t, Tensor)}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            result = super().propagate(*args)
+        for node in self.module.graph.nodes:
+            node.meta["saved_output"] = node.meta["saved_internal"] = 0
+        for key, (node, nbytes) in self.saved.items():
+            if key in before:
+                continue
+            if key in self.owner:
+                self.owner[key].meta["saved_output"] += nbytes
+            else:
+                node.meta["saved_internal"] += nbytes
+        return result
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        result = super().run_node(n)
+        self.alive.append(result)
+        for t in torch.utils._pytree.tree_flatten(result)[0]:
+            if isinstance(t, Tensor) and n.op != "placeholder":
+                self.owner[_storage(t)] = n
+        return result
+
+    def _pack(self, t: Tensor) -> Tensor:
+        if self.current is not None:
+            self.saved.setdefault(_storage(t), (self.current, t.untyped_storage().nbytes()))
+        return t
+
+
+def _storage(t: Tensor) -> int:
+    return int(t.untyped_storage()._cdata)
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """The attribute a ``get_attr`` node names (``"layer1.0.weight"``) on ``root``."""
+    obj: Any = root
+    for name in target.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.auto import Candidate, choose_plan
 from lightning_lrcnn.convert import plan_for
 from lightning_lrcnn.memory import MIB, measure, time_call
-from lightning_lrcnn.planner import estimate
+from lightning_lrcnn.estimate import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

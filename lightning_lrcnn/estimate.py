@@ -1,0 +1,153 @@
+"""Plan -> analytic cost: peak memory of one training step and extra compute, from shapes alone (no run).
+
+The model follows what autograd keeps. Shape propagation records, per node, the bytes its backward saves
+(``node.meta["saved_output"]``: its output, when an op saves it; ``["saved_internal"]``: buffers an op saves
+for itself, such as max-pool indices). A step of the plan then
+
+* *holds* bytes from its forward until its backward: a plain node what autograd saves; a banded segment its
+  materialised outputs and 2PS boundary rows (bands save nothing: they are recomputed);
+* needs *transient* bytes on top: in forward the value being made; in backward the gradients flowing through
+  it and, for a segment, one recomputed band's saved tensors and gradients;
+* adds its parameters' gradients in backward, which stay alive to the end of the step.
+
+The peak is the largest of these sums over a forward sweep and a backward sweep. The estimate prunes
+candidates before measuring them and stands in for the plain model's peak when that would not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import fx
+
+from .planner import Band, Plan, Segment
+
+__all__ = ["Estimate", "estimate", "estimate_plain"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Analytic cost of a plan: the training step's peak bytes (activations, gradients, and the parameter
+    gradients it creates) and the forward work of the segments, banded (halos, recomputation) over plain."""
+
+    peak_bytes: int
+    extra_compute: float
+
+
+@dataclass(frozen=True)
+class _Cost:
+    held: int  # alive from this step's forward until its backward
+    forward: int  # transient on top of everything held, while the step runs forward
+    backward: int  # transient on top of everything held and the gradients made so far, in its backward
+    grads: int  # parameter gradients the step's backward creates
+
+
+def estimate(plan: Plan) -> Estimate:
+    """Estimated peak of one training step (forward and backward) of ``plan`` and its recompute cost."""
+    captured = {u for s in plan.segments if s.recompute for v in s.nodes for u in v.all_input_nodes}
+    costs: list[_Cost] = []
+    for step in plan.steps:
+        if isinstance(step, Segment) and step.recompute:
+            costs.append(_segment_cost(step, plan, captured))
+        else:
+            costs += [_node_cost(v, plan, captured) for v in (step.nodes if isinstance(step, Segment) else [step])]
+    return Estimate(_peak(costs), _extra_compute(plan.segments))
+
+
+def estimate_plain(plan: Plan) -> int:
+    """Estimated peak of the same step run as usual (every node on full tensors, nothing recomputed)."""
+    nodes = [v for step in plan.steps for v in (step.nodes if isinstance(step, Segment) else [step])]
+    return _peak([_node_cost(v, plan, set()) for v in nodes])
+
+
+def _peak(costs: Sequence[_Cost]) -> int:
+    peak = held = 0
+    for c in costs:
+        peak = max(peak, held + c.forward)
+        held += c.held
+    grads = 0
+    for c in reversed(costs):
+        grads += c.grads
+        peak = max(peak, held + grads + c.backward)
+        held -= c.held
+    return peak
+
+
+def _bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return int(val.numel() * val.element_size()) if hasattr(val, "numel") else 0
+
+
+def _row_bytes(node: fx.Node) -> int:
+    val = node.meta["val"]
+    return int(val.numel() // max(1, val.shape[2])) * val.element_size()
+
+
+def _saved(node: fx.Node) -> tuple[int, int]:
+    """(bytes of the output autograd saves, bytes of the node's own saved buffers); all of it when unknown."""
+    if "saved_output" not in node.meta:
+        return _bytes(node), 0
+    return int(node.meta["saved_output"]), int(node.meta["saved_internal"])
+
+
+def _tensor_inputs(node: fx.Node) -> Iterable[fx.Node]:
+    return (u for u in node.all_input_nodes if u.op != "placeholder" and hasattr(u.meta.get("val"), "numel"))
+
+
+def _node_cost(node: fx.Node, plan: Plan, captured: set[fx.Node]) -> _Cost:
+    output, internal = _saved(node)
+    held = (_bytes(node) if output or node in captured else 0) + internal
+    grads_through = _bytes(node) + sum(_bytes(u) for u in _tensor_inputs(node))
+    return _Cost(held, _bytes(node), grads_through, plan.param_grads.get(node, 0))
+
+
+def _band_rows(band: Band, node: fx.Node) -> int:
+    return len(band.rows[node])
+
+
+def _segment_cost(segment: Segment, plan: Plan, captured: set[fx.Node]) -> _Cost:
+    outputs = sum(_bytes(o) for o in segment.outputs)
+    held_outputs = sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
+    held = held_outputs + sum(_row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)
+    inside = set(segment.nodes)
+    inputs = sum(_bytes(u) for u in {u for v in segment.nodes for u in _tensor_inputs(v) if u not in inside})
+    input_rows = sum(_row_bytes(u) * len(rows) for b in segment.bands for u, rows in b.inputs if u.op != "placeholder")
+    band_fwd = band_bwd = 0
+    for band in segment.bands:
+        costs = _band_costs(segment, band, inside)
+        band_fwd = max(band_fwd, max((c.forward for c in costs), default=0))
+        band_bwd = max(band_bwd, _peak(costs))
+    grads = sum(plan.param_grads.get(v, 0) for v in segment.nodes)
+    # from the second band on, a weight gradient is made and summed out of place into the one before
+    accumulate = 2 * max((plan.param_grads.get(v, 0) for v in segment.nodes), default=0) if len(segment.bands) > 1 else 0
+    # forward: the output pieces, then their concatenation. Backward: the output gradient, the gradients of the
+    # input rows the bands read and one band, recomputed, with its gradients and a weight gradient; at the end the input rows' gradients are summed into one input gradient. The outputs
+    # themselves died with the backward of the steps that read them.
+    forward = outputs + max(band_fwd, outputs if len(segment.bands) > 1 else 0)
+    backward = max(outputs + input_rows + band_bwd + accumulate, input_rows + inputs) - held_outputs
+    return _Cost(held, forward, backward, grads)
+
+
+def _band_costs(segment: Segment, band: Band, inside: set[fx.Node]) -> list[_Cost]:
+    """One band's nodes as steps: what each saves when recomputed, makes in forward and passes in backward."""
+    costs = []
+    for v in segment.nodes:
+        rows = _band_rows(band, v)
+        if not rows:
+            continue
+        output, internal = _saved(v)
+        saved = (_row_bytes(v) * rows if output else 0) + internal * rows // max(1, v.meta["val"].shape[2])
+        made = _row_bytes(v) * rows
+        through = made + sum(_row_bytes(u) * _band_rows(band, u) for u in v.all_input_nodes if u in inside)
+        costs.append(_Cost(saved, made, through, 0))
+    return costs
+
+
+def _extra_compute(segments: Sequence[Segment]) -> float:
+    work = once = 0.0
+    for s in segments:
+        if s.recompute:
+            once += sum(_bytes(v) for v in s.nodes)
+            work += sum(_row_bytes(v) * _band_rows(b, v) for b in s.bands for v in s.nodes)
+    return work / max(once, 1.0)
