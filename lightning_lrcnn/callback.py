@@ -49,7 +49,8 @@ class RowCentricTraining(Callback):
     - ``lrcnn/step_time_ratio``: step time with the chosen plan over the plain model's (NaN if not measured)
     - ``lrcnn/rows``: band count (0 for the plain model)
 
-    Hyperparameters: ``lrcnn/mode`` and ``lrcnn/batchnorm``. Each training epoch:
+    Hyperparameters: ``lrcnn/mode`` and ``lrcnn/batchnorm`` (with ``mode="off"`` these, ``"off"``, and the
+    epoch peak below are all that is logged, so a sweep over modes can show the plain runs). Each training epoch:
 
     - ``lrcnn/epoch_peak_memory_mib``: peak memory observed during the epoch (CUDA allocator peak; on CPU
       the process's peak resident set size, a high-water mark since the process started)
@@ -275,12 +276,17 @@ class RowCentricTraining(Callback):
                                     "lrcnn/batchnorm": self.batchnorm})
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode == "off":
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"lrcnn/mode": "off", "lrcnn/batchnorm": self.batchnorm})
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode == "off" or not trainer.loggers:
+        if not trainer.loggers:
             return
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / MIB

@@ -75,6 +75,9 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     :class:`_SavedTensorProp`), leaving every buffer and RNG as is."""
     buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     rng = torch.get_rng_state()
+    for node in gm.graph.nodes:  # figures of an earlier input shape must not outlive a failed propagation
+        node.meta.pop("saved_output", None)
+        node.meta.pop("saved_internal", None)
     try:
         # NOTE: autocast off: its weight-cast cache would otherwise keep fake copies of real parameters
         with quiet_fake_tensor_logs(), contextlib.ExitStack() as stack:

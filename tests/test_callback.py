@@ -9,6 +9,7 @@ import os
 
 import lightning.pytorch as pl
 import pytest
+import yaml
 import torch
 import torchvision
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -209,14 +210,20 @@ def test_bad_targets(tmp_path) -> None:
 
 
 def test_budget_too_small_for_every_candidate(tmp_path) -> None:
-    with pytest.raises(MisconfigurationException, match=r"memory_budget=16.*smallest peak.*Remedy"):
+    with pytest.raises(MisconfigurationException, match=r"memory_budget=16.*smallest (estimated )?peak.*Remedy"):
         _fit(tmp_path, Classifier(), [RowCentricTraining(memory_budget=16)], max_steps=1)
 
 
-def test_off_does_nothing(tmp_path) -> None:
+def test_off_converts_nothing_and_says_so(tmp_path) -> None:
     model = Classifier()
-    _fit(tmp_path, model, [RowCentricTraining(mode="off")], max_steps=1)
+    logger = CSVLogger(tmp_path)
+    _fit(tmp_path, model, [RowCentricTraining(mode="off")], max_steps=1, logger=logger)
     assert not any(is_row_centric(m) for m in model.modules())
+    with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+        assert yaml.safe_load(f)["lrcnn/mode"] == "off"
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        header = f.readline()
+    assert "lrcnn/epoch_peak_memory_mib" in header and "lrcnn/peak_memory_mib" not in header
 
 
 def test_baseline_estimated_when_plain_runs_out_of_memory(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
