@@ -178,11 +178,14 @@ class _Captured(Exception):
 def _capture_inputs(targets: Sequence[nn.Module], step: Callable[[], Any]) -> list[tuple[tuple, dict]] | None:
     """The inputs each target receives in ``step``, got by stopping the step at the last target's call.
 
-    None when some target is not called (or the step fails before): then nothing is estimated.
+    None when some target is not called (or the step fails before), or runs under autocast (the estimate
+    assumes the graph's own dtypes, so it would overstate a mixed-precision step): then nothing is estimated.
     """
     seen: dict[int, tuple[tuple, dict]] = {}
+    mixed = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mixed.append(any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")))
         seen.setdefault(id(module), (args, kwargs))
         if len(seen) == len(targets):
             raise _Captured
@@ -197,6 +200,9 @@ def _capture_inputs(targets: Sequence[nn.Module], step: Callable[[], Any]) -> li
     finally:
         for h in handles:
             h.remove()
+    if any(mixed):
+        log.info("lrcnn: targets run under autocast: candidates are measured without estimate pruning")
+        return None
     return [seen[id(t)] for t in targets] if len(seen) == len(targets) else None
 
 

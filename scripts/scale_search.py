@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="measure the found sides (slow at large sides)")
     parser.add_argument("--verify-side", type=int, default=0, help="side to measure the best plan at (0: 4x plain)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     budget = int(args.budget_mib * MIB)
     model = build(args.model)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -273,8 +273,13 @@ def test_accumulation_and_clipping_same_weights(tmp_path) -> None:  # type: igno
     _assert_same_weights(plain, converted)
 
 
-def test_bf16_mixed_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])  # 16-mixed: CPU autocast to float16 here
+def test_mixed_precision_trains(tmp_path, precision: str) -> None:  # type: ignore[no-untyped-def]
     cb = RowCentricTraining(mode="overl", rows=3)
-    model = _fit(tmp_path, Classifier(), [cb], precision="bf16-mixed", max_steps=2)
+    model = Classifier()
+    before = [p.detach().clone() for p in model.parameters()]
+    _fit(tmp_path, model, [cb], precision=precision, max_steps=2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
     assert cb.metrics()["lrcnn/peak_memory_mib"] > 0
+    assert all(r.estimate_bytes is None for r in cb.choice.results)  # no fp32 estimate prunes a mixed step

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +89,15 @@ def test_saved_tensor_sizes_follow_the_ops() -> None:
     assert saved["_0"] == (0, 0)  # the ReLU saves its own output, not its input
     assert saved["_1"] == (act, 0)  # saved by the ReLU and by the max-pool
     assert saved["_2"] == (act // 4, act // 4 * 2)  # its output is saved by the 1x1 conv; int64 indices
+
+
+def test_scale_search_finds_the_largest_fitting_side() -> None:
+    """scripts/scale_search.py: bands fit a larger side than the plain model under the same estimated budget."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from scale_search import estimated_peak, largest_side
+
+    model, budget = torchvision.models.vgg11().features, 48 * 2**20
+    plain = largest_side(model, "plain", budget, 1, 32, 2048)
+    banded = largest_side(model, "overl:8", budget, 1, 32, 2048)
+    assert 0 < plain < banded
+    assert estimated_peak(model, "plain", plain, 1) <= budget < estimated_peak(model, "plain", plain + 32, 1)
