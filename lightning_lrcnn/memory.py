@@ -45,7 +45,7 @@ class LiveTensorTracker(TorchDispatchMode):
         # an output sharing an input's storage (view, in-place op, detach) allocated nothing
         shared = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
         for t in tree_flatten(out)[0]:
-            key = _storage_key(t) if isinstance(t, Tensor) and t.device.type != "meta" else None
+            key = _storage_key(t) if isinstance(t, Tensor) and not _is_shape_only(t) else None
             if key is not None and key not in shared:
                 self._track(t)
         return out
@@ -63,6 +63,13 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self.live_bytes -= self._sizes.pop(key, 0)
+
+
+def _is_shape_only(t: Tensor) -> bool:
+    """Meta and fake tensors (shape propagation while planning) allocate nothing."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.device.type == "meta" or isinstance(t, FakeTensor)
 
 
 def _storage_key(t: Tensor) -> int | None:

@@ -58,6 +58,7 @@ def measured_peak(model: torch.nn.Module, method: str, side: int, batch: int) ->
     mode, _, rows = method.partition(":")
     if mode != "plain":
         to_row_centric(model, mode=mode, rows=int(rows))
+        plan_for(model, x)  # plan first: planning is not part of a training step
     try:
         m = measure(_step(model, x))
         return m.peak_bytes, m.seconds

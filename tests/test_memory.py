@@ -65,3 +65,17 @@ def test_vgg16_peak_at_most_half_of_plain(mode: str) -> None:
     _step(converted, x)()  # plan once (cached per shape)
     peak = measure(_step(converted, x)).peak_bytes
     assert peak <= 0.5 * baseline, f"{mode}: {peak / 2**20:.1f} MiB vs plain {baseline / 2**20:.1f} MiB"
+
+
+def test_shape_only_tensors_are_not_counted() -> None:
+    """Planning inside a measured step runs fake tensors: they allocate nothing and must not count."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with LiveTensorTracker() as tracker:
+        with FakeTensorMode():
+            x = torch.empty(1024, 1024)
+            y = x * 2
+        z = torch.empty(256, 256, device="meta") + 1
+        real = torch.ones(16, 16)
+    assert y.shape == x.shape and z.shape == (256, 256)
+    assert tracker.peak_bytes == real.untyped_storage().nbytes()
