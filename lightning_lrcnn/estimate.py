@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .planner import Band, Plan, Segment
+from .planner import Band, Plan, Segment, row_bytes
 
 __all__ = ["Estimate", "estimate", "estimate_plain"]
 
@@ -79,11 +79,6 @@ def _bytes(node: fx.Node) -> int:
     return int(val.numel() * val.element_size()) if hasattr(val, "numel") else 0
 
 
-def _row_bytes(node: fx.Node) -> int:
-    val = node.meta["val"]
-    return int(val.numel() // max(1, val.shape[2])) * val.element_size()
-
-
 def _saved(node: fx.Node) -> tuple[int, int]:
     """(bytes of the output autograd saves, bytes of the node's own saved buffers); all of it when unknown."""
     if "saved_output" not in node.meta:
@@ -109,10 +104,10 @@ def _band_rows(band: Band, node: fx.Node) -> int:
 def _segment_cost(segment: Segment, plan: Plan, captured: set[fx.Node]) -> _Cost:
     outputs = sum(_bytes(o) for o in segment.outputs)
     held_outputs = sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
-    held = held_outputs + sum(_row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)
+    held = held_outputs + sum(row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)
     inside = set(segment.nodes)
     inputs = sum(_bytes(u) for u in {u for v in segment.nodes for u in _tensor_inputs(v) if u not in inside})
-    input_rows = sum(_row_bytes(u) * len(rows) for b in segment.bands for u, rows in b.inputs if u.op != "placeholder")
+    input_rows = sum(row_bytes(u) * len(rows) for b in segment.bands for u, rows in b.inputs if u.op != "placeholder")
     band_fwd = band_bwd = 0
     for band in segment.bands:
         costs = _band_costs(segment, band, inside)
@@ -122,8 +117,9 @@ def _segment_cost(segment: Segment, plan: Plan, captured: set[fx.Node]) -> _Cost
     # from the second band on, a weight gradient is made and summed out of place into the one before
     accumulate = 2 * max((plan.param_grads.get(v, 0) for v in segment.nodes), default=0) if len(segment.bands) > 1 else 0
     # forward: the output pieces, then their concatenation. Backward: the output gradient, the gradients of the
-    # input rows the bands read and one band, recomputed, with its gradients and a weight gradient; at the end the input rows' gradients are summed into one input gradient. The outputs
-    # themselves died with the backward of the steps that read them.
+    # input rows the bands read and one band, recomputed, with its gradients and a weight gradient; at the end
+    # the input rows' gradients are summed into one input gradient. The outputs themselves died with the
+    # backward of the steps that read them.
     forward = outputs + max(band_fwd, outputs if len(segment.bands) > 1 else 0)
     backward = max(outputs + input_rows + band_bwd + accumulate, input_rows + inputs) - held_outputs
     return _Cost(held, forward, backward, grads)
@@ -137,9 +133,9 @@ def _band_costs(segment: Segment, band: Band, inside: set[fx.Node]) -> list[_Cos
         if not rows:
             continue
         output, internal = _saved(v)
-        saved = (_row_bytes(v) * rows if output else 0) + internal * rows // max(1, v.meta["val"].shape[2])
-        made = _row_bytes(v) * rows
-        through = made + sum(_row_bytes(u) * _band_rows(band, u) for u in v.all_input_nodes if u in inside)
+        saved = (row_bytes(v) * rows if output else 0) + internal * rows // max(1, v.meta["val"].shape[2])
+        made = row_bytes(v) * rows
+        through = made + sum(row_bytes(u) * _band_rows(band, u) for u in v.all_input_nodes if u in inside)
         costs.append(_Cost(saved, made, through, 0))
     return costs
 
@@ -149,5 +145,5 @@ def _extra_compute(segments: Sequence[Segment]) -> float:
     for s in segments:
         if s.recompute:
             once += sum(_bytes(v) for v in s.nodes)
-            work += sum(_row_bytes(v) * _band_rows(b, v) for b in s.bands for v in s.nodes)
+            work += sum(row_bytes(v) * _band_rows(b, v) for b in s.bands for v in s.nodes)
     return work / max(once, 1.0)

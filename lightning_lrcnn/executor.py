@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,22 +54,15 @@ class _RowSlices(torch.autograd.Function):
 
 def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> list[list[Tensor]]:
     """Per band, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_RowSlices`)."""
-    per_band: list[list[Tensor]] = [[] for _ in segment.bands]
-    wanted: dict[fx.Node, list[tuple[int, RowInterval]]] = {}
-    for i, band in enumerate(segment.bands):
-        for node, rows in band.inputs:
-            wanted.setdefault(node, []).append((i, rows))
-    slots = {(i, node): k for i, band in enumerate(segment.bands) for k, (node, _) in enumerate(band.inputs)}
-    for node, uses in wanted.items():
+    slices: dict[fx.Node, Iterator[Tensor]] = {}
+    for node in {node: None for band in segment.bands for node, _ in band.inputs}:
         x = env[node]
-        intervals = tuple(rows for _, rows in uses)
+        intervals = tuple(rows for band in segment.bands for v, rows in band.inputs if v is node)
         if x.requires_grad and torch.is_grad_enabled():
-            slices = _RowSlices.apply(x, intervals)
+            slices[node] = iter(_RowSlices.apply(x, intervals))
         else:
-            slices = tuple(x[:, :, r.start : r.stop] for r in intervals)
-        for (i, _), t in zip(uses, slices):
-            per_band[i].append((slots[i, node], t))
-    return [[t for _, t in sorted(items, key=lambda kt: kt[0])] for items in per_band]  # type: ignore[misc]
+            slices[node] = iter(tuple(x[:, :, r.start : r.stop] for r in intervals))
+    return [[next(slices[node]) for node, _ in band.inputs] for band in segment.bands]
 
 
 class _BandRunner:

@@ -18,7 +18,7 @@ from .geometry import RowInterval
 from .rules import NodeRule, rule_for
 from .trace import fetch_attr
 
-__all__ = ["MODES", "Band", "Segment", "Plan", "build_plan", "describe"]
+__all__ = ["MODES", "Band", "Segment", "Plan", "build_plan", "describe", "row_bytes"]
 
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
@@ -148,7 +148,8 @@ def _height(node: fx.Node) -> int:
     return int(node.meta["val"].shape[2])
 
 
-def _row_bytes(node: fx.Node) -> int:
+def row_bytes(node: fx.Node) -> int:
+    """Bytes of one row (all of N, C, W) of a node's 4-D output."""
     v = node.meta["val"]
     return int(v.numel() // max(1, v.shape[2])) * v.element_size()
 
@@ -206,7 +207,7 @@ class _SegmentGeometry:
         """Cut points of ``progress`` so every band holds about the same activation bytes (skew-balanced)."""
 
         def weight(p: int) -> int:
-            return sum(_row_bytes(v) * pv for v, pv in progress(p).items())
+            return sum(row_bytes(v) * pv for v, pv in progress(p).items())
 
         total = weight(height)
         cuts: list[int] = []
@@ -276,8 +277,8 @@ class _SegmentGeometry:
 
     def overlap(self, bands: list[Band]) -> float:
         """Fraction of activation bytes computed more than once (OverL halos)."""
-        done = sum(_row_bytes(v) * len(b.rows[v]) for b in bands for v in self.nodes)
-        once = sum(_row_bytes(v) * _height(v) for v in self.nodes)
+        done = sum(row_bytes(v) * len(b.rows[v]) for b in bands for v in self.nodes)
+        once = sum(row_bytes(v) * _height(v) for v in self.nodes)
         return done / max(once, 1) - 1.0
 
 
@@ -336,7 +337,7 @@ def _keep_plain(segment: Segment) -> None:
     segment.bands, segment.recompute, segment.overlap = [_whole(segment)], False, 0.0
 
 
-def _keep_small_segments(segments: list[Segment], param_bytes: dict[fx.Node, int]) -> None:
+def _keep_small_segments(segments: list[Segment], param_grads: dict[fx.Node, int]) -> None:
     """Run plainly (kept for backward, no recomputation) the segments where bands cannot pay off.
 
     A segment whose inner activations are no larger than its outputs (a lone conv between train-mode
@@ -356,8 +357,8 @@ def _keep_small_segments(segments: list[Segment], param_bytes: dict[fx.Node, int
         # what keeping costs beyond the banded run, which holds its outputs and 2PS boundary rows anyway, and
         # sums one weight gradient per band (a temporary as large as its largest weight)
         held = sum(_full_bytes(o) for o in s.outputs) + sum(
-            _row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out) + max(
-            (param_bytes.get(v, 0) for v in s.nodes), default=0)
+            row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out) + max(
+            (param_grads.get(v, 0) for v in s.nodes), default=0)
         extra = max(0, sum(_full_bytes(v) for v in s.nodes) - held)
         if kept + extra > transient:
             break
@@ -392,16 +393,15 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     region_of: dict[fx.Node, list[Segment]] = {}
     for region in _regions(graph, rules, static):
         region_of[region[0]] = _segments(region, rules, mode, rows, static)
-    param_bytes = {n: sum(p.numel() * p.element_size() for p in root.get_submodule(str(n.target)).parameters())
-                   for n in graph.nodes if n.op == "call_module"}
-    _keep_small_segments([s for segs in region_of.values() for s in segs], param_bytes)
+    param_grads = _param_grads(graph, root)
+    _keep_small_segments([s for segs in region_of.values() for s in segs], param_grads)
     covered = {v for segs in region_of.values() for s in segs for v in s.nodes}
     for node in graph.nodes:
         if node in region_of:
             steps.extend(region_of[node])
         elif node not in covered and node not in static and node.op not in ("placeholder", "get_attr"):
             steps.append(node)
-    return Plan(steps, static, _free_after(graph, steps), graph, _param_grads(graph, root))
+    return Plan(steps, static, _free_after(graph, steps), graph, param_grads)
 
 
 def _param_grads(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, int]:
@@ -435,11 +435,11 @@ def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx
 
 
 def _band_bytes(segment: Segment, band: Band) -> int:
-    return sum(_row_bytes(v) * len(band.rows[v]) for v in segment.nodes)
+    return sum(row_bytes(v) * len(band.rows[v]) for v in segment.nodes)
 
 
 def _full_bytes(node: fx.Node) -> int:
-    return _row_bytes(node) * _height(node)
+    return row_bytes(node) * _height(node)
 
 
 def _split_cost(segments: Sequence[Segment]) -> int:
@@ -449,7 +449,7 @@ def _split_cost(segments: Sequence[Segment]) -> int:
     kept = worst_band = 0
     for s in segments:
         kept += sum(_full_bytes(o) for o in s.outputs)
-        kept += sum(_row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out)
+        kept += sum(row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out)
         worst_band = max([worst_band, *(2 * _band_bytes(s, b) for b in s.bands)])
     return kept + worst_band
 

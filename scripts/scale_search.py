@@ -28,11 +28,17 @@ from lightning_lrcnn.estimate import estimate, estimate_plain  # noqa: E402
 from lightning_lrcnn.memory import MIB, measure  # noqa: E402
 
 
+def _parse(method: str) -> tuple[str, int]:
+    """("plain", 1) or (mode, rows) from "mode:rows"."""
+    mode, _, rows = method.partition(":")
+    return mode, int(rows or 1)
+
+
 def estimated_peak(model: torch.nn.Module, method: str, side: int, batch: int) -> int:
     """Estimated training-step peak of ``method`` ("plain" or "mode:rows") at ``side`` (nothing is run)."""
     x = torch.empty(batch, 3, side, side)
-    mode, _, rows = method.partition(":")
-    to_row_centric(model, mode="2ps" if mode == "plain" else mode, rows=int(rows or 1))
+    mode, rows = _parse(method)
+    to_row_centric(model, mode="2ps" if mode == "plain" else mode, rows=rows)
     try:
         plan = plan_for(model, x)
         return estimate_plain(plan) if mode == "plain" else estimate(plan).peak_bytes
@@ -55,9 +61,9 @@ def largest_side(model: torch.nn.Module, method: str, budget: int, batch: int, s
 
 def measured_peak(model: torch.nn.Module, method: str, side: int, batch: int) -> tuple[int, float]:
     x = torch.randn(batch, 3, side, side)
-    mode, _, rows = method.partition(":")
+    mode, rows = _parse(method)
     if mode != "plain":
-        to_row_centric(model, mode=mode, rows=int(rows))
+        to_row_centric(model, mode=mode, rows=rows)
         plan_for(model, x)  # plan first: planning is not part of a training step
     try:
         m = measure(_step(model, x))

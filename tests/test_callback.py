@@ -14,6 +14,7 @@ import torch
 import torchvision
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -273,12 +274,19 @@ def test_accumulation_and_clipping_same_weights(tmp_path) -> None:  # type: igno
     _assert_same_weights(plain, converted)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])  # 16-mixed: CPU autocast to float16 here
-def test_mixed_precision_trains(tmp_path, precision: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
+def test_mixed_precision_trains(tmp_path, precision: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     cb = RowCentricTraining(mode="overl", rows=3)
     model = Classifier()
     before = [p.detach().clone() for p in model.parameters()]
-    _fit(tmp_path, model, [cb], precision=precision, max_steps=2)
+    seen: set[torch.dtype] = set()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype) if type(out) is torch.Tensor else None)
+    # Trainer(precision="16-mixed") on CPU silently falls back to bf16: give the float16 plugin explicitly
+    plugins = [MixedPrecision(precision, "cpu")]
+    _fit(tmp_path, model, [cb], plugins=plugins, max_steps=2)
+    assert seen == {dtype}  # the convolutions (in bands; not the planner's fake tensors) ran in the autocast dtype
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
     assert cb.metrics()["lrcnn/peak_memory_mib"] > 0
