@@ -15,7 +15,8 @@ from torch import Tensor, fx, nn
 
 from .errors import PlanError
 from .executor import run_plan
-from .planner import MODES, Plan, build_plan, describe
+from .plan import Plan, describe
+from .planner import MODES, build_plan
 from .rules import BATCHNORM_POLICIES
 from .trace import LeafSpec, propagate_shapes, trace
 
@@ -75,8 +76,9 @@ def to_row_centric(
         mode: ``"2ps"`` (bands in order, boundary rows handed on), ``"overl"`` (overlapping halos) or
             ``"auto"`` (measure the plain model, 2PS and OverL on ``example_input``; keep the fastest that fits
             ``memory_budget``; the module stays plain if that is the plain model).
-        rows: number of row bands (int >= 1; a region with fewer output rows uses one band per row), or
-            ``"auto"`` (measured, like ``mode="auto"``).
+        rows: number of row bands of the largest row-local region (int >= 1), or ``"auto"`` (measured, like
+            ``mode="auto"``). When the planner cuts a region into segments, each gets bands of about the same
+            activation bytes, so a deep low-resolution segment has fewer (at most one per output row).
         batchnorm: ``"exact"`` (train-mode BN runs globally), ``"freeze"`` (running statistics, affine
             parameters still train) or ``"per_band"`` (per-band statistics: an approximation, warns once).
         leaf_modules: submodule types or qualified names not to trace into (they run as global ops).

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .planner import Band, Plan, Segment, row_bytes
+from .plan import Band, Plan, Segment, row_bytes
 
-__all__ = ["Estimate", "estimate", "estimate_plain"]
+__all__ = ["Estimate", "estimate", "estimate_plain", "segments_peak"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def estimate(plan: Plan) -> Estimate:
     costs: list[_Cost] = []
     for step in plan.steps:
         if isinstance(step, Segment) and step.recompute:
-            costs.append(_segment_cost(step, plan, captured))
+            costs.append(_segment_cost(step, plan.param_grads, captured))
         else:
             costs += [_node_cost(v, plan, captured) for v in (step.nodes if isinstance(step, Segment) else [step])]
     return Estimate(_peak(costs), _extra_compute(plan.segments))
@@ -59,6 +59,12 @@ def estimate_plain(plan: Plan) -> int:
     """Estimated peak of the same step run as usual (every node on full tensors, nothing recomputed)."""
     nodes = [v for step in plan.steps for v in (step.nodes if isinstance(step, Segment) else [step])]
     return _peak([_node_cost(v, plan, set()) for v in nodes])
+
+
+def segments_peak(segments: Sequence[Segment], param_grads: dict[fx.Node, int]) -> int:
+    """Estimated peak of a training step through ``segments`` alone (the planner compares cuts with it)."""
+    captured = {u for s in segments for v in s.nodes for u in v.all_input_nodes}
+    return _peak([_segment_cost(s, param_grads, captured) for s in segments])
 
 
 def _peak(costs: Sequence[_Cost]) -> int:
@@ -101,27 +107,30 @@ def _band_rows(band: Band, node: fx.Node) -> int:
     return len(band.rows[node])
 
 
-def _segment_cost(segment: Segment, plan: Plan, captured: set[fx.Node]) -> _Cost:
+def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: set[fx.Node]) -> _Cost:
     outputs = sum(_bytes(o) for o in segment.outputs)
     held_outputs = sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
     held = held_outputs + sum(row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)
     inside = set(segment.nodes)
-    inputs = sum(_bytes(u) for u in {u for v in segment.nodes for u in _tensor_inputs(v) if u not in inside})
-    input_rows = sum(row_bytes(u) * len(rows) for b in segment.bands for u, rows in b.inputs if u.op != "placeholder")
+    row_inputs = {u for b in segment.bands for u, _ in b.inputs if u.op != "placeholder"}
+    whole_inputs = {u for v in segment.nodes for u in _tensor_inputs(v) if u not in inside} - row_inputs
+    # gradients of the segment inputs: the row inputs' sums (see executor._Rows) and, for a whole input, the
+    # running sum plus one band's contribution
+    input_grads = sum(_bytes(u) for u in row_inputs) + 2 * sum(_bytes(u) for u in whole_inputs)
     band_fwd = band_bwd = 0
     for band in segment.bands:
         costs = _band_costs(segment, band, inside)
         band_fwd = max(band_fwd, max((c.forward for c in costs), default=0))
-        band_bwd = max(band_bwd, _peak(costs))
-    grads = sum(plan.param_grads.get(v, 0) for v in segment.nodes)
+        rows_in = sum(row_bytes(u) * len(rows) for u, rows in band.inputs if u in row_inputs)
+        band_bwd = max(band_bwd, rows_in + _peak(costs))
+    grads = sum(param_grads.get(v, 0) for v in segment.nodes)
     # from the second band on, a weight gradient is made and summed out of place into the one before
-    accumulate = 2 * max((plan.param_grads.get(v, 0) for v in segment.nodes), default=0) if len(segment.bands) > 1 else 0
-    # forward: the output pieces, then their concatenation. Backward: the output gradient, the gradients of the
-    # input rows the bands read and one band, recomputed, with its gradients and a weight gradient; at the end
-    # the input rows' gradients are summed into one input gradient. The outputs themselves died with the
-    # backward of the steps that read them.
+    accumulate = 2 * max((param_grads.get(v, 0) for v in segment.nodes), default=0) if len(segment.bands) > 1 else 0
+    # forward: the output pieces, then their concatenation. Backward: the output gradient, the input gradients
+    # and one band, recomputed, with its gradients (its input rows' included) and a weight gradient. The
+    # outputs themselves died with the backward of the steps that read them.
     forward = outputs + max(band_fwd, outputs if len(segment.bands) > 1 else 0)
-    backward = max(outputs + input_rows + band_bwd + accumulate, input_rows + inputs) - held_outputs
+    backward = outputs + input_grads + band_bwd + accumulate - held_outputs
     return _Cost(held, forward, backward, grads)
 
 

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
-from .planner import Band, Plan, Segment
+from .plan import Band, Plan, Segment
 from .rules import recomputing
 from .trace import fetch_attr
 
@@ -32,37 +32,68 @@ def _rows(t: Tensor, have: RowInterval, want: RowInterval) -> Tensor:
     return t[:, :, want.start - have.start : want.stop - have.start]
 
 
-class _RowSlices(torch.autograd.Function):
-    """The rows each band reads of a segment input, as views; backward sums the bands' gradients once.
+class _GradSum:
+    """The gradient of one segment input, summed in place as the bands' backward passes hand in their rows."""
 
-    Slicing inside every band instead would make autograd expand each band's gradient to a zero-filled tensor
-    of the whole input and add it to the running sum: three input-sized tensors per band in backward.
-    """
+    def __init__(self, shape: torch.Size) -> None:
+        self.shape, self.total = shape, None  # type: tuple[torch.Size, Tensor | None]
+
+    def add(self, rows: RowInterval, grad: Tensor) -> None:
+        if self.total is None:
+            self.total = grad.new_zeros(self.shape)
+        self.total[:, :, rows.start : rows.stop] += grad
+
+
+class _Collect(torch.autograd.Function):
+    """Identity on a segment input whose backward, run after every band's, hands on the summed gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, intervals: tuple[RowInterval, ...]) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.shape, ctx.intervals = x.shape, intervals
-        return tuple(x[:, :, r.start : r.stop] for r in intervals)
+    def forward(ctx: Any, x: Tensor, total: _GradSum) -> Tensor:  # type: ignore[override]
+        ctx.total = total
+        ctx.set_materialize_grads(False)  # the bands' rows send no gradient this way: no zero-filled input
+        return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        total = grads[0].new_zeros(ctx.shape)
-        for g, r in zip(grads, ctx.intervals):
-            total[:, :, r.start : r.stop] += g
+    def backward(ctx: Any, _: None) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        total, ctx.total.total = ctx.total.total, None
         return total, None
 
 
+class _Rows(torch.autograd.Function):
+    """Rows of a segment input read by one band, as a view; backward adds the band's gradient into the sum.
+
+    Slicing with autograd instead would expand each band's gradient to a zero-filled tensor of the whole input
+    (three input-sized tensors per band in backward); handing all bands' row gradients on at once would keep
+    them all alive until the last band. Here only the sum and one band's rows live.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rows: RowInterval, total: _GradSum) -> Tensor:  # type: ignore[override]
+        ctx.rows, ctx.total = rows, total
+        return x[:, :, rows.start : rows.stop]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
+        ctx.total.add(ctx.rows, grad)
+        return None, None, None
+
+
 def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> list[list[Tensor]]:
-    """Per band, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_RowSlices`)."""
-    slices: dict[fx.Node, Iterator[Tensor]] = {}
+    """Per band, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_Rows`)."""
+    anchors: dict[fx.Node, tuple[Tensor, _GradSum | None]] = {}
     for node in {node: None for band in segment.bands for node, _ in band.inputs}:
         x = env[node]
-        intervals = tuple(rows for band in segment.bands for v, rows in band.inputs if v is node)
         if x.requires_grad and torch.is_grad_enabled():
-            slices[node] = iter(_RowSlices.apply(x, intervals))
+            total = _GradSum(x.shape)
+            anchors[node] = (_Collect.apply(x, total), total)
         else:
-            slices[node] = iter(tuple(x[:, :, r.start : r.stop] for r in intervals))
-    return [[next(slices[node]) for node, _ in band.inputs] for band in segment.bands]
+            anchors[node] = (x, None)
+
+    def rows(node: fx.Node, r: RowInterval) -> Tensor:
+        x, total = anchors[node]
+        return x[:, :, r.start : r.stop] if total is None else _Rows.apply(x, r, total)
+
+    return [[rows(node, r) for node, r in band.inputs] for band in segment.bands]
 
 
 class _BandRunner:

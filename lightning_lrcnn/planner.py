@@ -1,24 +1,26 @@
 """Graph -> plan: static nodes, regions of row-local nodes, segments, band cuts and per-band row intervals.
 
-Data flows trace -> plan -> execute. A plan is a list of steps: a global node (runs as usual on full tensors)
-or a :class:`Segment` (runs band by band). Everything here is plain Python over ``node.meta["val"]`` shapes.
+Data flows trace -> plan -> execute. A plan (:mod:`lightning_lrcnn.plan`) is a list of steps: a global node
+(runs as usual on full tensors) or a :class:`Segment` (runs band by band). Everything here is plain Python over
+``node.meta["val"]`` shapes; where to cut a region into segments is decided with the analytic estimate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
+from .estimate import segments_peak
 from .geometry import RowInterval
+from .plan import Band, Plan, Segment, row_bytes
 from .rules import NodeRule, rule_for
 from .trace import fetch_attr
 
-__all__ = ["MODES", "Band", "Segment", "Plan", "build_plan", "describe", "row_bytes"]
+__all__ = ["MODES", "band_count", "build_plan"]
 
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
@@ -26,50 +28,6 @@ MAX_OVERLAP = 0.35
 
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "get_device"}
-
-
-@dataclass
-class Band:
-    """One band of a segment: the rows each node computes and the boundary rows it hands on (2PS)."""
-
-    rows: dict[fx.Node, RowInterval]  # rows computed per node (OverL: halo included)
-    outputs: list[tuple[fx.Node, RowInterval]]  # (segment output, its rows produced by this band)
-    carry_in: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows received from earlier bands
-    carry_out: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows handed to later bands
-    release: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # after node: values no longer read
-    inputs: list[tuple[fx.Node, RowInterval]] = field(default_factory=list)  # rows read of row inputs from outside
-
-
-@dataclass
-class Segment:
-    """A run of row-local nodes executed band by band; its outputs are materialised in full."""
-
-    nodes: list[fx.Node]
-    rules: dict[fx.Node, NodeRule]
-    outputs: list[fx.Node]
-    mode: str
-    bands: list[Band] = field(default_factory=list)
-    overlap: float = 0.0  # fraction of activation bytes computed more than once (OverL halos)
-    recompute: bool = True  # False: one full band kept for backward like the plain model (no recomputation)
-
-    @property
-    def name(self) -> str:
-        return f"{self.nodes[0].name}..{self.nodes[-1].name}"
-
-
-@dataclass
-class Plan:
-    """Executable plan for one input shape: steps in order, static values and when env entries die."""
-
-    steps: list[fx.Node | Segment]
-    static: dict[fx.Node, Any]
-    free_after: list[list[fx.Node]]
-    graph: fx.Graph
-    param_grads: dict[fx.Node, int] = field(default_factory=dict)  # bytes of the trainable parameters a node uses
-
-    @property
-    def segments(self) -> list[Segment]:
-        return [s for s in self.steps if isinstance(s, Segment)]
 
 
 # --------------------------------------------------------------------------------------------- classification
@@ -146,12 +104,6 @@ def _regions(graph: fx.Graph, rules: dict[fx.Node, NodeRule], static: dict[fx.No
 
 def _height(node: fx.Node) -> int:
     return int(node.meta["val"].shape[2])
-
-
-def row_bytes(node: fx.Node) -> int:
-    """Bytes of one row (all of N, C, W) of a node's 4-D output."""
-    v = node.meta["val"]
-    return int(v.numel() // max(1, v.shape[2])) * v.element_size()
 
 
 class _SegmentGeometry:
@@ -288,27 +240,34 @@ def _outputs(nodes: Sequence[fx.Node], static: dict[fx.Node, Any]) -> list[fx.No
     return [v for v in nodes if any(u not in inside and u not in static for u in v.users)]
 
 
-def _segment(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, rows: int,
+def band_count(band_bytes: int, segment_bytes: int, output_height: int) -> int:
+    """Bands of a segment so each holds about ``band_bytes`` of activations: at least one, at most one per
+    output row."""
+    return max(1, min(output_height, -(-segment_bytes // max(1, band_bytes))))
+
+
+def _segment(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, band_bytes: int,
              static: dict[fx.Node, Any]) -> Segment:
     outputs = _outputs(nodes, static)
     geo = _SegmentGeometry(nodes, rules, outputs)
-    count = max(1, min(rows, _height(geo.main)))
+    count = band_count(band_bytes, sum(_full_bytes(v) for v in nodes), _height(geo.main))
     bands = geo.two_phase(count) if mode == "2ps" else geo.overlapped(count)
     segment = Segment(nodes, {v: rules[v] for v in nodes}, outputs, mode, bands)
     segment.overlap = geo.overlap(bands)
     return segment
 
 
-def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, rows: int,
-              static: dict[fx.Node, Any]) -> list[Segment]:
+def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, band_bytes: int,
+              static: dict[fx.Node, Any], param_grads: dict[fx.Node, int]) -> list[Segment]:
     """Cut a region into segments where the estimated peak memory (and OverL's halo work) goes down."""
-    whole = [_segment(nodes, rules, mode, rows, static)]
+    whole = [_segment(nodes, rules, mode, band_bytes, static)]
     if len(nodes) < 2:
         return whole
     split = _best_split(nodes, static)
-    parts = _segments(nodes[:split], rules, mode, rows, static) + _segments(nodes[split:], rules, mode, rows, static)
+    parts = (_segments(nodes[:split], rules, mode, band_bytes, static, param_grads)
+             + _segments(nodes[split:], rules, mode, band_bytes, static, param_grads))
     too_much_halo = mode == "overl" and whole[0].overlap > MAX_OVERLAP
-    if too_much_halo or _split_cost(parts) < 0.9 * _split_cost(whole):
+    if too_much_halo or segments_peak(parts, param_grads) < 0.9 * segments_peak(whole, param_grads):
         return parts
     return whole
 
@@ -391,9 +350,11 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     rules = _row_local_rules(graph, root, batchnorm, static)
     steps: list[fx.Node | Segment] = []
     region_of: dict[fx.Node, list[Segment]] = {}
-    for region in _regions(graph, rules, static):
-        region_of[region[0]] = _segments(region, rules, mode, rows, static)
     param_grads = _param_grads(graph, root)
+    regions = _regions(graph, rules, static)
+    band_bytes = max((sum(_full_bytes(v) for v in region) for region in regions), default=0) // rows
+    for region in regions:
+        region_of[region[0]] = _segments(region, rules, mode, max(1, band_bytes), static, param_grads)
     _keep_small_segments([s for segs in region_of.values() for s in segs], param_grads)
     covered = {v for segs in region_of.values() for s in segs for v in s.nodes}
     for node in graph.nodes:
@@ -440,25 +401,3 @@ def _band_bytes(segment: Segment, band: Band) -> int:
 
 def _full_bytes(node: fx.Node) -> int:
     return row_bytes(node) * _height(node)
-
-
-def _split_cost(segments: Sequence[Segment]) -> int:
-    """Rough activation peak used to decide where to cut a region: what stays alive until backward (segment
-    outputs, 2PS boundary rows) plus the largest band's activations and their gradients. The plan's real
-    estimate (``lightning_lrcnn.estimate``) needs saved-tensor sizes and the whole plan."""
-    kept = worst_band = 0
-    for s in segments:
-        kept += sum(_full_bytes(o) for o in s.outputs)
-        kept += sum(row_bytes(v) * len(rows) for b in s.bands for v, rows in b.carry_out)
-        worst_band = max([worst_band, *(2 * _band_bytes(s, b) for b in s.bands)])
-    return kept + worst_band
-
-
-def describe(plan: Plan) -> str:
-    """One line per segment: nodes, bands, overlap (for logs and debugging)."""
-    lines = []
-    for s in plan.segments:
-        how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"
-        lines.append(f"segment {s.name}: {len(s.nodes)} nodes, {how}, overlap {s.overlap:.2f}")
-    return "\n".join(lines) if lines else "no row-local region"
-

@@ -36,3 +36,13 @@ def test_same_padding_and_split() -> None:
     assert same_padding(3, 1) == (1, 1) and same_padding(4, 1) == (1, 2) and same_padding(3, 2) == (2, 2)
     assert split_padding(RowInterval(-2, 5), 10) == (RowInterval(0, 5), 2, 0)
     assert split_padding(RowInterval(7, 12), 10) == (RowInterval(7, 10), 0, 2)
+
+
+def test_band_count_gives_bands_of_the_target_size() -> None:
+    from lightning_lrcnn.planner import band_count
+
+    assert band_count(100, 1000, 64) == 10  # bands of the target bytes
+    assert band_count(100, 1001, 64) == 11  # rounded up: no band above the target
+    assert band_count(100, 50, 64) == 1  # a small segment: one band
+    assert band_count(100, 10_000, 7) == 7  # at most one band per output row
+    assert band_count(0, 10, 3) == 3  # a zero target cannot divide by zero

@@ -1,0 +1,77 @@
+"""The plan's data: steps (global nodes and banded segments), bands and the row bytes they are costed by.
+
+Built by :mod:`lightning_lrcnn.planner`, costed by :mod:`lightning_lrcnn.estimate`, run by
+:mod:`lightning_lrcnn.executor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from .geometry import RowInterval
+from .rules import NodeRule
+
+__all__ = ["Band", "Segment", "Plan", "describe", "row_bytes"]
+
+
+@dataclass
+class Band:
+    """One band of a segment: the rows each node computes and the boundary rows it hands on (2PS)."""
+
+    rows: dict[fx.Node, RowInterval]  # rows computed per node (OverL: halo included)
+    outputs: list[tuple[fx.Node, RowInterval]]  # (segment output, its rows produced by this band)
+    carry_in: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows received from earlier bands
+    carry_out: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows handed to later bands
+    release: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # after node: values no longer read
+    inputs: list[tuple[fx.Node, RowInterval]] = field(default_factory=list)  # rows read of row inputs from outside
+
+
+@dataclass
+class Segment:
+    """A run of row-local nodes executed band by band; its outputs are materialised in full."""
+
+    nodes: list[fx.Node]
+    rules: dict[fx.Node, NodeRule]
+    outputs: list[fx.Node]
+    mode: str
+    bands: list[Band] = field(default_factory=list)
+    overlap: float = 0.0  # fraction of activation bytes computed more than once (OverL halos)
+    recompute: bool = True  # False: one full band kept for backward like the plain model (no recomputation)
+
+    @property
+    def name(self) -> str:
+        return f"{self.nodes[0].name}..{self.nodes[-1].name}"
+
+
+@dataclass
+class Plan:
+    """Executable plan for one input shape: steps in order, static values and when env entries die."""
+
+    steps: list[fx.Node | Segment]
+    static: dict[fx.Node, Any]
+    free_after: list[list[fx.Node]]
+    graph: fx.Graph
+    param_grads: dict[fx.Node, int] = field(default_factory=dict)  # bytes of the trainable parameters a node uses
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [s for s in self.steps if isinstance(s, Segment)]
+
+
+def row_bytes(node: fx.Node) -> int:
+    """Bytes of one row (all of N, C, W) of a node's 4-D output."""
+    v = node.meta["val"]
+    return int(v.numel() // max(1, v.shape[2])) * v.element_size()
+
+
+def describe(plan: Plan) -> str:
+    """One line per segment: nodes, bands, overlap (for logs and debugging)."""
+    lines = []
+    for s in plan.segments:
+        how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"
+        lines.append(f"segment {s.name}: {len(s.nodes)} nodes, {how}, overlap {s.overlap:.2f}")
+    return "\n".join(lines) if lines else "no row-local region"
+
