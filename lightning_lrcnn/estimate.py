@@ -23,7 +23,7 @@ from torch import fx
 
 from .plan import Band, Plan, Segment, row_bytes
 
-__all__ = ["Estimate", "estimate", "estimate_plain", "segments_peak"]
+__all__ = ["Estimate", "estimate", "estimate_plain", "segment_peaks", "segments_peak"]
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,24 @@ class _Cost:
 
 def estimate(plan: Plan) -> Estimate:
     """Estimated peak of one training step (forward and backward) of ``plan`` and its recompute cost."""
+    return Estimate(max((p for _, p in segment_peaks(plan)), default=0), _extra_compute(plan.segments))
+
+
+def segment_peaks(plan: Plan) -> list[tuple[Segment | fx.Node, int]]:
+    """Per step (a recomputed segment, or a node of the plan run as usual): the highest estimated memory while
+    it runs forward or backward. The largest is the step's peak."""
     captured = {u for s in plan.segments if s.recompute for v in s.nodes for u in v.all_input_nodes}
+    steps: list[Segment | fx.Node] = []
     costs: list[_Cost] = []
     for step in plan.steps:
         if isinstance(step, Segment) and step.recompute:
+            steps.append(step)
             costs.append(_segment_cost(step, plan.param_grads, captured))
         else:
-            costs += [_node_cost(v, plan, captured) for v in (step.nodes if isinstance(step, Segment) else [step])]
-    return Estimate(_peak(costs), _extra_compute(plan.segments))
+            for v in step.nodes if isinstance(step, Segment) else [step]:
+                steps.append(v)
+                costs.append(_node_cost(v, plan, captured))
+    return list(zip(steps, _step_peaks(costs)))
 
 
 def estimate_plain(plan: Plan) -> int:
@@ -67,17 +77,22 @@ def segments_peak(segments: Sequence[Segment], param_grads: dict[fx.Node, int]) 
     return _peak([_segment_cost(s, param_grads, captured) for s in segments])
 
 
-def _peak(costs: Sequence[_Cost]) -> int:
-    peak = held = 0
-    for c in costs:
-        peak = max(peak, held + c.forward)
+def _step_peaks(costs: Sequence[_Cost]) -> list[int]:
+    peaks = [0] * len(costs)
+    held = 0
+    for i, c in enumerate(costs):
+        peaks[i] = held + c.forward
         held += c.held
     grads = 0
-    for c in reversed(costs):
-        grads += c.grads
-        peak = max(peak, held + grads + c.backward)
-        held -= c.held
-    return peak
+    for i in reversed(range(len(costs))):
+        grads += costs[i].grads
+        peaks[i] = max(peaks[i], held + grads + costs[i].backward)
+        held -= costs[i].held
+    return peaks
+
+
+def _peak(costs: Sequence[_Cost]) -> int:
+    return max(_step_peaks(costs), default=0)
 
 
 def _bytes(node: fx.Node) -> int:

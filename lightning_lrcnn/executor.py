@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -78,8 +78,12 @@ class _Rows(torch.autograd.Function):
         return None, None, None
 
 
-def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> list[list[Tensor]]:
-    """Per band, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_Rows`)."""
+def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> Iterator[list[Tensor]]:
+    """Per band, lazily, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_Rows`).
+
+    Each band's rows are sliced just before the band runs: autograd runs the newest nodes first, so the
+    band's :class:`_Rows` backward then runs right after the band's own, not after every band's.
+    """
     anchors: dict[fx.Node, tuple[Tensor, _GradSum | None]] = {}
     for node in {node: None for band in segment.bands for node, _ in band.inputs}:
         x = env[node]
@@ -93,7 +97,8 @@ def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> list[list[Tensor]
         x, total = anchors[node]
         return x[:, :, r.start : r.stop] if total is None else _Rows.apply(x, r, total)
 
-    return [[rows(node, r) for node, r in band.inputs] for band in segment.bands]
+    for band in segment.bands:
+        yield [rows(node, r) for node, r in band.inputs]
 
 
 class _BandRunner:

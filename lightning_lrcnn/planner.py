@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
+from .estimate import segment_peaks as estimate_segment_peaks
 from .estimate import segments_peak
 from .geometry import RowInterval
 from .plan import Band, Plan, Segment, row_bytes
@@ -25,6 +26,9 @@ __all__ = ["MODES", "band_count", "build_plan"]
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
 MAX_OVERLAP = 0.35
+# more bands for the segment at the estimated peak: at most this many times, each lowering the peak this much
+_MAX_REFINEMENTS = 16
+_MIN_GAIN = 0.01
 
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "get_device"}
@@ -250,11 +254,44 @@ def _segment(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, ba
              static: dict[fx.Node, Any]) -> Segment:
     outputs = _outputs(nodes, static)
     geo = _SegmentGeometry(nodes, rules, outputs)
-    count = band_count(band_bytes, sum(_full_bytes(v) for v in nodes), _height(geo.main))
-    bands = geo.two_phase(count) if mode == "2ps" else geo.overlapped(count)
-    segment = Segment(nodes, {v: rules[v] for v in nodes}, outputs, mode, bands)
-    segment.overlap = geo.overlap(bands)
+    segment = Segment(nodes, {v: rules[v] for v in nodes}, outputs, mode)
+    _band(segment, band_count(band_bytes, sum(_full_bytes(v) for v in nodes), _height(geo.main)))
     return segment
+
+
+def _band(segment: Segment, count: int) -> None:
+    """Cut ``segment`` into ``count`` bands (fewer when its outputs have fewer rows)."""
+    geo = _SegmentGeometry(segment.nodes, segment.rules, segment.outputs)
+    segment.bands = geo.two_phase(count) if segment.mode == "2ps" else geo.overlapped(count)
+    segment.overlap = geo.overlap(segment.bands)
+
+
+def _relieve_peak(plan: Plan) -> None:
+    """Give more bands to the segment at the estimated peak while that lowers its own peak and not the plan's.
+
+    Equal-byte bands leave the segments that run on top of more held memory (deeper ones: earlier segments'
+    outputs, input gradients) at the peak; smaller bands there lower it. OverL stops at ``MAX_OVERLAP``.
+    """
+    done: list[Segment] = []
+    for _ in range(_MAX_REFINEMENTS):
+        peaks = estimate_segment_peaks(plan)
+        top = max(p for _, p in peaks)
+        candidates = [(p, s) for s, p in peaks if isinstance(s, Segment) and p >= (1 - _MIN_GAIN) * top
+                      and all(s is not d for d in done)]
+        if not candidates:
+            return
+        own, s = max(candidates, key=lambda ps: ps[0])
+        n = len(s.bands)
+        count = min(_height(max(s.outputs, key=_height)), n + max(1, n // 4))
+        before = s.bands, s.overlap
+        if count > n:
+            _band(s, count)
+            after = dict((id(t), p) for t, p in estimate_segment_peaks(plan))
+            if not (s.mode == "overl" and s.overlap > MAX_OVERLAP) and after[id(s)] < (1 - _MIN_GAIN) * own \
+                    and max(after.values()) <= top:
+                continue
+            s.bands, s.overlap = before
+        done.append(s)
 
 
 def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, band_bytes: int,
@@ -362,7 +399,9 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
             steps.extend(region_of[node])
         elif node not in covered and node not in static and node.op not in ("placeholder", "get_attr"):
             steps.append(node)
-    return Plan(steps, static, _free_after(graph, steps), graph, param_grads)
+    plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
+    _relieve_peak(plan)
+    return plan
 
 
 def _param_grads(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, int]:

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.memory import LiveTensorTracker, measure
@@ -79,3 +80,20 @@ def test_shape_only_tensors_are_not_counted() -> None:
         real = torch.ones(16, 16)
     assert y.shape == x.shape and z.shape == (256, 256)
     assert tracker.peak_bytes == real.untyped_storage().nbytes()
+
+
+def test_segment_input_gradient_is_summed_band_by_band() -> None:
+    """Each band adds its rows' gradient into one input-sized sum as soon as its own backward is done: the
+    backward holds that sum and one band's rows, not every band's rows until the last band (2.2x the input)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.AvgPool2d(4))
+    model = to_row_centric(net, mode="overl", rows=32)
+    x = torch.randn(1, 16, 512, 64, requires_grad=True)
+
+    def step() -> None:
+        x.grad = None
+        (model(x) * 2).sum().backward()
+
+    step()
+    peak = measure(step).peak_bytes
+    assert peak <= 1.5 * x.numel() * x.element_size(), f"{peak / (x.numel() * x.element_size()):.2f}x the input"
