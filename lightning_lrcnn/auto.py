@@ -46,7 +46,7 @@ class Candidate:
 
 
 DEFAULT_CANDIDATES = (Candidate("column"), Candidate("2ps", 8), Candidate("2ps", 16), Candidate("2ps", 32),
-                      Candidate("overl", 8), Candidate("overl", 16))
+                      Candidate("overl", 8), Candidate("overl", 16), Candidate("overl", 32), Candidate("overl", 48))
 
 
 @dataclass(frozen=True)

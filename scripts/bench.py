@@ -168,7 +168,7 @@ def _prepare(method: str, plain: nn.Module, x: torch.Tensor, model_name: str, ba
         if not base:
             raise RuntimeError("auto needs the plain model measured first")
         budget = int(auto_budget * base["peak_bytes"])
-        cands = [Candidate("2ps", r) for r in (16, 32)] + [Candidate("overl", r) for r in (16, 32)]
+        cands = [Candidate("2ps", r) for r in (16, 32)] + [Candidate("overl", r) for r in (16, 32, 48)]
         choice = choose_plan([model], _step(model, x), memory_budget=budget, candidates=cands, batchnorm=batchnorm,
                              device=x.device)
         rec["method"] = f"auto ({choice.best}, budget {auto_budget:.0%} of plain)"

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lrcnn import RowCentricTraining, is_row_centric
@@ -274,19 +275,30 @@ def test_accumulation_and_clipping_same_weights(tmp_path) -> None:  # type: igno
     _assert_same_weights(plain, converted)
 
 
+class _ConvOutputs(TorchDispatchMode):
+    """Records (dtype, rows) of every real convolution output made inside the ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[torch.dtype, int]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default and type(out) is torch.Tensor:  # not the planner's fakes
+            self.seen.add((out.dtype, int(out.shape[2])))
+        return out
+
+
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
 def test_mixed_precision_trains(tmp_path, precision: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     cb = RowCentricTraining(mode="overl", rows=3)
     model = Classifier()
     before = [p.detach().clone() for p in model.parameters()]
-    seen: set[torch.dtype] = set()
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype) if type(out) is torch.Tensor else None)
     # Trainer(precision="16-mixed") on CPU silently falls back to bf16: give the float16 plugin explicitly
-    plugins = [MixedPrecision(precision, "cpu")]
-    _fit(tmp_path, model, [cb], plugins=plugins, max_steps=2)
-    assert seen == {dtype}  # the convolutions (in bands; not the planner's fake tensors) ran in the autocast dtype
+    with _ConvOutputs() as convs:
+        _fit(tmp_path, model, [cb], plugins=[MixedPrecision(precision, "cpu")], max_steps=2)
+    assert {d for d, _ in convs.seen} == {dtype}  # every convolution ran in the autocast dtype...
+    assert {rows for _, rows in convs.seen} - {32, 16}  # ...band-sized ones included (full: 32 and 16 rows)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
     assert cb.metrics()["lrcnn/peak_memory_mib"] > 0
