@@ -252,11 +252,14 @@ def band_count(band_bytes: int, segment_bytes: int, output_height: int) -> int:
 
 def _segment(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, band_bytes: int,
              static: dict[fx.Node, Any]) -> Segment:
-    outputs = _outputs(nodes, static)
-    geo = _SegmentGeometry(nodes, rules, outputs)
-    segment = Segment(nodes, {v: rules[v] for v in nodes}, outputs, mode)
-    _band(segment, band_count(band_bytes, sum(_full_bytes(v) for v in nodes), _height(geo.main)))
+    segment = Segment(nodes, {v: rules[v] for v in nodes}, _outputs(nodes, static), mode)
+    _band(segment, band_count(band_bytes, sum(_full_bytes(v) for v in nodes), _output_rows(segment)))
     return segment
+
+
+def _output_rows(segment: Segment) -> int:
+    """Rows of the segment's tallest output: the most bands it can have."""
+    return max(_height(o) for o in segment.outputs)
 
 
 def _band(segment: Segment, count: int) -> None:
@@ -273,8 +276,8 @@ def _relieve_peak(plan: Plan) -> None:
     outputs, input gradients) at the peak; smaller bands there lower it. OverL stops at ``MAX_OVERLAP``.
     """
     done: list[Segment] = []
+    peaks = estimate_segment_peaks(plan)
     for _ in range(_MAX_REFINEMENTS):
-        peaks = estimate_segment_peaks(plan)
         top = max(p for _, p in peaks)
         candidates = [(p, s) for s, p in peaks if isinstance(s, Segment) and p >= (1 - _MIN_GAIN) * top
                       and all(s is not d for d in done)]
@@ -282,13 +285,15 @@ def _relieve_peak(plan: Plan) -> None:
             return
         own, s = max(candidates, key=lambda ps: ps[0])
         n = len(s.bands)
-        count = min(_height(max(s.outputs, key=_height)), n + max(1, n // 4))
+        count = min(_output_rows(s), n + max(1, n // 4))
         before = s.bands, s.overlap
         if count > n:
             _band(s, count)
-            after = dict((id(t), p) for t, p in estimate_segment_peaks(plan))
+            trial = estimate_segment_peaks(plan)
+            after = {id(t): p for t, p in trial}
             if not (s.mode == "overl" and s.overlap > MAX_OVERLAP) and after[id(s)] < (1 - _MIN_GAIN) * own \
                     and max(after.values()) <= top:
+                peaks = trial
                 continue
             s.bands, s.overlap = before
         done.append(s)
