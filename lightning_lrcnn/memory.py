@@ -8,6 +8,7 @@ Only storages created while it is active count: parameters and inputs made befor
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 import weakref
 from collections.abc import Callable
@@ -117,7 +118,8 @@ def measure(fn: Callable[[], Any], device: torch.device | str = "cpu") -> Measur
 
 
 def time_call(fn: Callable[[], Any], device: torch.device | str = "cpu", repeats: int = 1) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` (CUDA synchronised)."""
+    """Median wall time of ``repeats`` calls of ``fn`` (CUDA synchronised; the mean of the middle two when
+    ``repeats`` is even)."""
     device = torch.device(device)
     times = []
     for _ in range(repeats):
@@ -128,7 +130,7 @@ def time_call(fn: Callable[[], Any], device: torch.device | str = "cpu", repeats
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 __all__ += ["time_call"]

@@ -151,6 +151,20 @@ def _bind(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return bound
 
 
+def _own_padding(top: int, bottom: int, stride: int, limit: int | None = None) -> tuple[int, int] | None:
+    """Symmetric row padding an op can apply itself instead of a padded copy of a border band (a copy its
+    backward would save beside the band): ``(pad, skip)``, ``skip`` the whole strides of extra output rows
+    this puts on top. None when the op cannot pad so much (pooling: at most half its window)."""
+    skip = -(-max(0, bottom - top) // stride)
+    pad = top + skip * stride
+    return None if limit is not None and pad > limit else (pad, skip)
+
+
+def _crop(y: Tensor, skip: int, out: RowInterval) -> Tensor:
+    """Output rows ``out`` of ``y``, computed with ``skip`` extra rows on top (and perhaps some below)."""
+    return y if skip == 0 and y.shape[2] == len(out) else y[:, :, skip : skip + len(out)]
+
+
 def _pad_band(x: Tensor, pads: tuple[int, int, int, int], mode: str, value: float = 0.0) -> Tensor:
     if not any(pads):
         return x
@@ -178,8 +192,9 @@ def _conv_rule(in_height: int, kernel: tuple[int, int], stride: Any, padding: An
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
         x = args[0]
-        if mode == "zeros" and pl == pr and top == bottom:  # the op's own padding: no padded copy to save
-            return run_conv(x, (top, pl), args, kwargs)
+        own = _own_padding(top, bottom, sh) if mode == "zeros" and pl == pr else None
+        if own is not None:  # the op's own padding: no padded copy to save
+            return _crop(run_conv(x, (own[0], pl), args, kwargs), own[1], out)
         if mode == "zeros" and pl == pr:
             return run_conv(_pad_band(x, (0, 0, top, bottom), "zeros"), (0, pl), args, kwargs)
         return run_conv(_pad_band(x, (pl, pr, top, bottom), mode), 0, args, kwargs)
@@ -230,8 +245,9 @@ def _max_pool_rule(in_height: int, kernel: Any, stride: Any, padding: Any, dilat
     sh, sw = _pair(stride if stride not in (None, [], ()) else kernel)
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
-        if top == bottom and top <= kh // 2:  # the op's own padding: no padded copy to save
-            return F.max_pool2d(args[0], (kh, kw), (sh, sw), (top, pw), (dh, dw), ceil_mode)
+        own = _own_padding(top, bottom, sh, kh // 2)
+        if own is not None:  # the op's own padding: no padded copy to save
+            return _crop(F.max_pool2d(args[0], (kh, kw), (sh, sw), (own[0], pw), (dh, dw), ceil_mode), own[1], out)
         x = _pad_band(args[0], (0, 0, top, bottom), "constant", -math.inf)
         return F.max_pool2d(x, (kh, kw), (sh, sw), (0, pw), (dh, dw), ceil_mode)
 
@@ -251,8 +267,12 @@ def _avg_pool_rule(in_value: Tensor, kernel: Any, stride: Any, padding: Any, cei
     divisor = (counts / means).round()
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
-        x = _pad_band(args[0], (0, 0, top, bottom), "zeros")
-        sums = F.avg_pool2d(x, (kh, kw), (sh, sw), (0, pw), ceil_mode, True, 1)
+        own = _own_padding(top, bottom, sh, kh // 2)
+        if own is not None:  # the op's own padding: no padded copy to save
+            sums = _crop(F.avg_pool2d(args[0], (kh, kw), (sh, sw), (own[0], pw), ceil_mode, True, 1), own[1], out)
+        else:
+            x = _pad_band(args[0], (0, 0, top, bottom), "zeros")
+            sums = F.avg_pool2d(x, (kh, kw), (sh, sw), (0, pw), ceil_mode, True, 1)
         return sums / divisor[:, :, out.start : out.stop].to(device=sums.device, dtype=sums.dtype)
 
     return WindowRule(in_height, kh, sh, ph, 1, call)
