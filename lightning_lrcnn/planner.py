@@ -309,7 +309,7 @@ def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, b
     parts = (_segments(nodes[:split], rules, mode, band_bytes, static, param_grads)
              + _segments(nodes[split:], rules, mode, band_bytes, static, param_grads))
     too_much_halo = mode == "overl" and whole[0].overlap > MAX_OVERLAP
-    if too_much_halo or segments_peak(parts, param_grads) < 0.9 * segments_peak(whole, param_grads):
+    if too_much_halo or segments_peak(parts, param_grads) <= segments_peak(whole, param_grads):
         return parts
     return whole
 
