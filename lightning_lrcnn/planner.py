@@ -26,7 +26,7 @@ __all__ = ["MODES", "band_count", "build_plan"]
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
 MAX_OVERLAP = 0.35
-# more bands for the segment at the estimated peak: at most this many times, each lowering the peak this much
+# relieving the segment at the estimated peak (more bands or a cut): at most this many times, each lowering it this much
 _MAX_REFINEMENTS = 16
 _MIN_GAIN = 0.01
 
@@ -270,10 +270,12 @@ def _band(segment: Segment, count: int) -> None:
 
 
 def _relieve_peak(plan: Plan) -> None:
-    """Give more bands to the segment at the estimated peak while that lowers its own peak and not the plan's.
+    """Relieve the segment at the estimated peak while that lowers its own peak and not the plan's: give it
+    25% more bands or, where that is not possible (OverL past ``MAX_OVERLAP``, one band per output row),
+    cut it in two.
 
     Equal-byte bands leave the segments that run on top of more held memory (deeper ones: earlier segments'
-    outputs, input gradients) at the peak; smaller bands there lower it. OverL stops at ``MAX_OVERLAP``.
+    outputs, input gradients) at the peak; smaller bands there lower it.
     """
     done: list[Segment] = []
     peaks = estimate_segment_peaks(plan)
@@ -284,24 +286,61 @@ def _relieve_peak(plan: Plan) -> None:
         if not candidates:
             return
         own, s = max(candidates, key=lambda ps: ps[0])
-        n = len(s.bands)
-        count = min(_output_rows(s), n + max(1, n // 4))
-        before = s.bands, s.overlap
-        if count > n:
-            _band(s, count)
-            trial = estimate_segment_peaks(plan)
-            after = {id(t): p for t, p in trial}
-            if not (s.mode == "overl" and s.overlap > MAX_OVERLAP) and after[id(s)] < (1 - _MIN_GAIN) * own \
-                    and max(after.values()) <= top:
-                peaks = trial
-                continue
-            s.bands, s.overlap = before
-        done.append(s)
+        trial = _more_bands(plan, s, own, top) or _cut(plan, s, own, top)
+        if trial is None:
+            done.append(s)
+        else:
+            peaks = trial
+
+
+def _accepted(plan: Plan, new: list[Segment], own: int, top: int,
+              gain: float = _MIN_GAIN) -> list[tuple[Segment | fx.Node, int]] | None:
+    """The plan's step peaks if the ``new`` segments' peaks are ``gain`` below ``own`` and none is above
+    ``top``."""
+    trial = estimate_segment_peaks(plan)
+    steps = {id(n) for n in new} | {id(v) for n in new if not n.recompute for v in n.nodes}  # kept: its nodes
+    mine = max((p for t, p in trial if id(t) in steps), default=0)
+    return trial if mine <= (1 - gain) * own and max(p for _, p in trial) <= top else None
+
+
+def _more_bands(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | fx.Node, int]] | None:
+    n = len(s.bands)
+    count = min(_output_rows(s), n + max(1, n // 4))
+    if count <= n:
+        return None
+    before = s.bands, s.overlap
+    _band(s, count)
+    trial = None if s.mode == "overl" and s.overlap > MAX_OVERLAP else _accepted(plan, [s], own, top)
+    if trial is None:
+        s.bands, s.overlap = before
+    return trial
+
+
+def _cut(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | fx.Node, int]] | None:
+    """Cut ``s`` in two, each part with 25% more bands than ``s`` had (a small deep part may run plainly)."""
+    if len(s.nodes) < 2 or not s.recompute:
+        return None
+    split = _best_split(s.nodes, plan.static)
+    count = len(s.bands) + max(1, len(s.bands) // 4)
+    parts = []
+    for nodes in (s.nodes[:split], s.nodes[split:]):
+        part = Segment(nodes, {v: s.rules[v] for v in nodes}, _outputs(nodes, plan.static), s.mode)
+        _band(part, min(_output_rows(part), count))
+        parts.append(part)
+    _keep_small_segments(parts, plan.param_grads)
+    i = next(i for i, step in enumerate(plan.steps) if step is s)
+    steps = plan.steps
+    plan.steps = [*steps[:i], *parts, *steps[i + 1 :]]
+    plan.free_after = _free_after(plan.graph, plan.steps)
+    trial = _accepted(plan, parts, own, top, gain=0.0)  # not worse: the parts' bands are refined next
+    if trial is None:
+        plan.steps, plan.free_after = steps, _free_after(plan.graph, steps)
+    return trial
 
 
 def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, band_bytes: int,
               static: dict[fx.Node, Any], param_grads: dict[fx.Node, int]) -> list[Segment]:
-    """Cut a region into segments where the estimated peak memory (and OverL's halo work) goes down."""
+    """Cut a region into segments where the estimated peak memory does not rise (a cut also ends halo work)."""
     whole = [_segment(nodes, rules, mode, band_bytes, static)]
     if len(nodes) < 2:
         return whole

@@ -79,6 +79,21 @@ def test_estimate_orders_plans_like_measurement() -> None:
     assert 1.0 <= estimates[0].extra_compute < estimates[1].extra_compute
 
 
+def test_a_segment_that_cannot_take_more_bands_is_cut() -> None:
+    """VGG-16 at 896x896, OverL: with 32 rows a deep segment (blocks 4-5) reached the halo cap at 4 bands and
+    held the peak at 269 MiB, above the plan for 24 rows (211 MiB). Refinement now cuts such a segment, so more
+    rows lower (or keep) the estimated peak and every segment stays under the halo cap."""
+    from lightning_lrcnn.planner import MAX_OVERLAP
+
+    x = torch.empty(2, 3, 896, 896)
+    peaks = []
+    for rows in (16, 24, 32, 48):
+        plan = plan_for(to_row_centric(torchvision.models.vgg16().features, mode="overl", rows=rows), x)
+        assert all(s.overlap <= MAX_OVERLAP for s in plan.segments), [s.overlap for s in plan.segments]
+        peaks.append(estimate(plan).peak_bytes)
+    assert all(b <= a for a, b in zip(peaks, peaks[1:])), [p / 2**20 for p in peaks]
+
+
 def test_saved_tensor_sizes_follow_the_ops() -> None:
     """What autograd saves, per node: ReLU its output, max-pool its indices, a conv before a ReLU nothing."""
     model = to_row_centric(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
