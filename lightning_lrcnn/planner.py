@@ -252,9 +252,14 @@ def band_count(band_bytes: int, segment_bytes: int, output_height: int) -> int:
 
 def _segment(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, band_bytes: int,
              static: dict[fx.Node, Any]) -> Segment:
-    segment = Segment(nodes, {v: rules[v] for v in nodes}, _outputs(nodes, static), mode)
+    """A segment of ``nodes`` with bands of about ``band_bytes`` each."""
+    segment = _unbanded(nodes, rules, mode, static)
     _band(segment, band_count(band_bytes, sum(_full_bytes(v) for v in nodes), _output_rows(segment)))
     return segment
+
+
+def _unbanded(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, static: dict[fx.Node, Any]) -> Segment:
+    return Segment(nodes, {v: rules[v] for v in nodes}, _outputs(nodes, static), mode)
 
 
 def _output_rows(segment: Segment) -> int:
@@ -322,19 +327,17 @@ def _cut(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | fx.
         return None
     split = _best_split(s.nodes, plan.static)
     count = len(s.bands) + max(1, len(s.bands) // 4)
-    parts = []
-    for nodes in (s.nodes[:split], s.nodes[split:]):
-        part = Segment(nodes, {v: s.rules[v] for v in nodes}, _outputs(nodes, plan.static), s.mode)
-        _band(part, min(_output_rows(part), count))
-        parts.append(part)
+    parts = [_unbanded(nodes, s.rules, s.mode, plan.static) for nodes in (s.nodes[:split], s.nodes[split:])]
+    for part in parts:
+        _band(part, count)
     _keep_small_segments(parts, plan.param_grads)
     i = next(i for i, step in enumerate(plan.steps) if step is s)
-    steps = plan.steps
-    plan.steps = [*steps[:i], *parts, *steps[i + 1 :]]
+    before = plan.steps, plan.free_after
+    plan.steps = [*plan.steps[:i], *parts, *plan.steps[i + 1 :]]
     plan.free_after = _free_after(plan.graph, plan.steps)
     trial = _accepted(plan, parts, own, top, gain=0.0)  # not worse: the parts' bands are refined next
     if trial is None:
-        plan.steps, plan.free_after = steps, _free_after(plan.graph, steps)
+        plan.steps, plan.free_after = before
     return trial
 
 

@@ -192,11 +192,9 @@ def _conv_rule(in_height: int, kernel: tuple[int, int], stride: Any, padding: An
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
         x = args[0]
-        own = _own_padding(top, bottom, sh) if mode == "zeros" and pl == pr else None
-        if own is not None:  # the op's own padding: no padded copy to save
-            return _crop(run_conv(x, (own[0], pl), args, kwargs), own[1], out)
-        if mode == "zeros" and pl == pr:
-            return run_conv(_pad_band(x, (0, 0, top, bottom), "zeros"), (0, pl), args, kwargs)
+        if mode == "zeros" and pl == pr:  # the op's own padding: no padded copy to save
+            pad, skip = _own_padding(top, bottom, sh)  # type: ignore[misc]  # no limit: never None
+            return _crop(run_conv(x, (pad, pl), args, kwargs), skip, out)
         return run_conv(_pad_band(x, (pl, pr, top, bottom), mode), 0, args, kwargs)
 
     return WindowRule(in_height, kh, sh, pt, dh, call)
