@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_lrcnn import to_row_centric
 
@@ -58,3 +59,18 @@ def assert_equivalent(
     for name, b in plain.named_buffers():
         torch.testing.assert_close(dict(converted.named_buffers())[name], b, msg=f"buffer {name}")
     return converted
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every aten op run inside the ``with`` block: ``(name, dtype, shape)``, the last two of its
+    output when that is a real tensor (not one of the planner's fakes), else None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, torch.dtype | None, tuple[int, ...] | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        real = type(out) is torch.Tensor
+        self.calls.append((func.__name__, out.dtype if real else None, tuple(out.shape) if real else None))
+        return out

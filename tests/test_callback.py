@@ -17,10 +17,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lrcnn import RowCentricTraining, is_row_centric
+
+from conftest import RecordOps
 
 KEYS = {"lrcnn/peak_memory_mib", "lrcnn/baseline_peak_memory_mib", "lrcnn/baseline_estimated",
         "lrcnn/memory_saved_pct", "lrcnn/step_time_ratio", "lrcnn/rows"}
@@ -275,30 +276,17 @@ def test_accumulation_and_clipping_same_weights(tmp_path) -> None:  # type: igno
     _assert_same_weights(plain, converted)
 
 
-class _ConvOutputs(TorchDispatchMode):
-    """Records (dtype, rows) of every real convolution output made inside the ``with`` block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[tuple[torch.dtype, int]] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.convolution.default and type(out) is torch.Tensor:  # not the planner's fakes
-            self.seen.add((out.dtype, int(out.shape[2])))
-        return out
-
-
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
 def test_mixed_precision_trains(tmp_path, precision: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     cb = RowCentricTraining(mode="overl", rows=3)
     model = Classifier()
     before = [p.detach().clone() for p in model.parameters()]
     # Trainer(precision="16-mixed") on CPU silently falls back to bf16: give the float16 plugin explicitly
-    with _ConvOutputs() as convs:
+    with RecordOps() as ops:
         _fit(tmp_path, model, [cb], plugins=[MixedPrecision(precision, "cpu")], max_steps=2)
-    assert {d for d, _ in convs.seen} == {dtype}  # every convolution ran in the autocast dtype...
-    assert {rows for _, rows in convs.seen} - {32, 16}  # ...band-sized ones included (full: 32 and 16 rows)
+    convs = {(d, shape[2]) for name, d, shape in ops.calls if name == "convolution.default" and shape is not None}
+    assert {d for d, _ in convs} == {dtype}  # every real convolution ran in the autocast dtype...
+    assert {rows for _, rows in convs} - {32, 16}  # ...band-sized ones included (full: 32 and 16 rows)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
     assert cb.metrics()["lrcnn/peak_memory_mib"] > 0

@@ -8,12 +8,11 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.memory import LiveTensorTracker, measure
 
-from conftest import assert_equivalent
+from conftest import RecordOps, assert_equivalent
 
 
 def test_tracker_counts_allocations_and_frees() -> None:
@@ -102,18 +101,6 @@ def test_segment_input_gradient_is_summed_band_by_band() -> None:
     assert peak <= 1.5 * x.numel() * x.element_size(), f"{peak / (x.numel() * x.element_size()):.2f}x the input"
 
 
-class _Ops(TorchDispatchMode):
-    """Records the name of every aten op run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", ["2ps", "overl"])
 @pytest.mark.parametrize("height", [64, 67])
 def test_border_bands_pad_without_a_saved_copy(mode: str, height: int) -> None:
@@ -123,7 +110,8 @@ def test_border_bands_pad_without_a_saved_copy(mode: str, height: int) -> None:
                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3, 1, padding=1),
                         nn.Conv2d(8, 8, 3, padding=2, dilation=2)).double()
     converted = assert_equivalent(lambda: copy.deepcopy(net), (2, 3, height, 40), mode=mode, rows=4, train=True)
-    with _Ops() as ops:
+    with RecordOps() as ops:
         converted(torch.randn(2, 3, height, 40, dtype=torch.float64)).sum().backward()
-    assert ops.names.count("convolution.default") > 2 * 3, "the convolutions did not run in bands"
-    assert not [n for n in ops.names if "pad" in n], sorted({n for n in ops.names if "pad" in n})
+    names = [name for name, _, _ in ops.calls]
+    assert names.count("convolution.default") > 2 * 3, "the convolutions did not run in bands"
+    assert not [n for n in names if "pad" in n], sorted({n for n in names if "pad" in n})
