@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from lightning_lrcnn import Candidate, NoPlanFitsError, choose_plan, is_row_centric, row_centric_config, to_row_centric
-from lightning_lrcnn.auto import candidates_for, resolve_budget
+from lightning_lrcnn.auto import DEFAULT_BUDGET_FRACTION, candidates_for, resolve_budget
 from lightning_lrcnn.memory import measure
 
 
@@ -64,9 +64,13 @@ def test_bad_budgets(budget: object) -> None:
         resolve_budget(budget, torch.device("cpu"))
 
 
-def test_budget_forms() -> None:
+def test_budget_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    # free memory on CPU moves between calls; fix it so fractions are compared against the same total
+    monkeypatch.setattr("lightning_lrcnn.auto._device_memory", lambda device: 1000 * 2**20)
     assert resolve_budget(123, torch.device("cpu")) == 123
-    assert 0 < resolve_budget(0.5, torch.device("cpu")) < resolve_budget(None, torch.device("cpu")) * 0.7
+    assert resolve_budget(0.5, torch.device("cpu")) == 500 * 2**20
+    assert resolve_budget(None, torch.device("cpu")) == int(DEFAULT_BUDGET_FRACTION * 1000 * 2**20)
+    assert resolve_budget(1.0, torch.device("cpu")) == 1000 * 2**20
 
 
 def test_to_row_centric_auto() -> None:
