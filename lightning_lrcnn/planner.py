@@ -239,9 +239,12 @@ class _SegmentGeometry:
 
 
 def _outputs(nodes: Sequence[fx.Node], static: dict[fx.Node, Any]) -> list[fx.Node]:
-    """Nodes read outside ``nodes`` (shape queries excepted): they are materialised in full."""
+    """Nodes read outside ``nodes`` (shape queries excepted), and nodes nothing reads (a module whose result a
+    network drops still runs, as in the plain model: train-mode BatchNorm updates its statistics): they are
+    materialised in full."""
     inside = set(nodes)
-    return [v for v in nodes if any(u not in inside and u not in static for u in v.users)]
+    readers = {v: [u for u in v.users if u not in static] for v in nodes}
+    return [v for v in nodes if not readers[v] or any(u not in inside for u in readers[v])]
 
 
 def band_count(band_bytes: int, segment_bytes: int, output_height: int) -> int:
@@ -475,6 +478,9 @@ def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx
             for n in node.all_input_nodes:
                 last[n] = i
     frees: list[list[fx.Node]] = [[] for _ in steps]
+    for i, step in enumerate(steps):  # values no step reads (a dropped result) are freed where they are made
+        for node in step.outputs if isinstance(step, Segment) else [step]:
+            last.setdefault(node, i)
     for n, i in last.items():
         if n.op != "get_attr":
             frees[i].append(n)

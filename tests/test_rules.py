@@ -212,6 +212,34 @@ def test_graphs_with_branches(make: type, mode: str) -> None:
     assert_equivalent(make, (2, 3, 32, 20), mode=mode, rows=5)
 
 
+class DropsAResult(nn.Module):
+    """Computes a branch and drops it (as timm's DLA does with an unused projection): it must still run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.unused = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.b = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.a(x))
+        self.unused(x)
+        return self.b(x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_a_dropped_result_still_runs(mode: str, train: bool) -> None:
+    """A value nothing reads is computed like in the plain model (train BN updates its statistics; the
+    buffers are compared) and freed where it is made."""
+    converted = assert_equivalent(DropsAResult, (2, 3, 16, 12), mode=mode, rows=4, train=train)
+    plan = plan_for(converted, torch.randn(2, 3, 16, 12, dtype=torch.float64))
+    made = {v.name: i for i, s in enumerate(plan.steps) for v in (s.outputs if hasattr(s, "outputs") else [s])}
+    freed = {v.name: i for i, fs in enumerate(plan.free_after) for v in fs}
+    dropped = [v.name for v in plan.graph.nodes if not v.users and v.op != "output"]
+    assert dropped and all(freed.get(v) == made[v] for v in dropped)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_train_mode_dropout_stays_exact(mode: str) -> None:
     make = _stack(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout2d(0.5), nn.Conv2d(4, 2, 3, padding=1))
