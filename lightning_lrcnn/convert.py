@@ -194,8 +194,9 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         cfg = state.config
         gm = state.traces.get(modes)
         if gm is None:
-            gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions)
-            state.traces[modes] = gm
+            gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
+            if "shapes" not in gm.meta:  # a graph for these input shapes only is kept in their plan
+                state.traces[modes] = gm
         propagate_shapes(gm, inputs)
         plan = build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm)
         state.plans[key] = plan

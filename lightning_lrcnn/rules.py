@@ -146,9 +146,18 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def _bind(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Arguments by name; graph values computed from shapes (``F.pad(x, (h % 2, ...))``) by their value for the
+    plan's input shapes, tensor-valued nodes as nodes."""
     bound = dict(zip(names, args))
     bound.update(kwargs)
-    return bound
+    return {k: fx.node.map_arg(v, _shape_value) for k, v in bound.items()}
+
+
+def _shape_value(node: fx.Node) -> Any:
+    value = node.meta.get("val")
+    if isinstance(value, Tensor) or value is None:
+        return node
+    return fx.node.map_aggregate(value, lambda v: int(v) if isinstance(v, torch.SymInt) else v)
 
 
 def _own_padding(top: int, bottom: int, stride: int, limit: int | None = None) -> tuple[int, int] | None:

@@ -44,14 +44,124 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def trace(module: nn.Module, leaf_modules: LeafSpec = (),
-          autowrap_functions: Sequence[Callable[..., Any]] = ()) -> fx.GraphModule:
+class _ShapeTracer(_Tracer):
+    """A tracer that also runs every node on fake tensors of one input's shapes, so a forward whose Python
+    control flow reads shapes (``if h % 32``, ``h, w = x.shape[-2:]``, ``len(...)``) takes the branch these
+    shapes take. The graph holds for inputs of these shapes only; control flow on tensor data is still refused."""
+
+    def __init__(self, leaf_modules: LeafSpec, autowrap_functions: Sequence[Callable[..., Any]],
+                 inputs: Sequence[Any]) -> None:
+        super().__init__(leaf_modules, autowrap_functions)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.inputs = [self.mode.from_tensor(a) if isinstance(a, Tensor) else a for a in inputs]
+        self.placed = 0
+        self.evaluating = False  # running a node on fake tensors: its module calls and attributes are not nodes
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if self.evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        return attr_val if self.evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        self.evaluating = True
+        try:
+            node.meta["val"] = self._run(node)
+        except _Unknown as exc:  # an input's value is unknown: keep the first failure
+            node.meta["val_error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001: an unknown value only matters if control flow asks for it
+            node.meta["val_error"] = f"{node.name}: {type(exc).__name__}: {exc}"
+        finally:
+            self.evaluating = False
+        return node
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self)
+
+    def _run(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            self.placed += 1
+            return self.inputs[self.placed - 1] if self.placed <= len(self.inputs) else node.args[0]
+        if node.op == "get_attr":
+            value = fetch_attr(self.root, str(node.target))
+            return self.mode.from_tensor(value) if isinstance(value, Tensor) else value
+
+        def load(n: fx.Node) -> Any:
+            if "val" not in n.meta:
+                raise _Unknown(n.meta.get("val_error", n.name))
+            return n.meta["val"]
+
+        args, kwargs = fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
+        with self.mode:
+            if node.op == "call_module":
+                return self.root.get_submodule(str(node.target))(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+
+    def value(self, obj: fx.Proxy, use: str) -> Any:
+        """What ``obj`` holds for these input shapes; refused where it is not known or is tensor data."""
+        if "val" not in obj.node.meta:
+            raise fx.proxy.TraceError(f"{use} needs the value of {obj.node.name}, which fake tensors could not "
+                                      f"compute ({obj.node.meta.get('val_error', 'unknown')})")
+        return obj.node.meta["val"]
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.value(obj, "control flow")
+        if isinstance(value, Tensor):
+            raise fx.proxy.TraceError(f"control flow depends on tensor data ({obj.node.name}), not only on shapes")
+        return bool(value)
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        return iter([obj[i] for i in range(len(obj))])
+
+
+class _Unknown(Exception):
+    """A node's input has no fake value; the message is the first failure."""
+
+
+class _SizedProxy(fx.Proxy):
+    """A proxy whose ``len`` (``for i in range(len(features))``) and formatting come from its fake value."""
+
+    def __len__(self) -> int:
+        return len(self.tracer.value(self, "len()"))  # type: ignore[attr-defined]
+
+    def __format__(self, spec: str) -> str:  # f"{h}x{w}" in a module's own error message
+        value = self.node.meta.get("val")
+        return format(value, spec) if isinstance(value, (int, float, bool, tuple, torch.Size)) else repr(self)
+
+
+def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Sequence[Callable[..., Any]] = (),
+          inputs: Sequence[Any] | None = None) -> fx.GraphModule:
     """Trace ``module`` with torch.fx; the GraphModule shares the module's submodules and parameters.
+
+    Where the forward's control flow reads shapes, and ``inputs`` are given, the module is traced again for
+    their shapes (``gm.meta["shapes"]`` then says which; the graph holds for those only).
 
     Raises:
         TraceError: the module cannot be traced; the message names the failing submodule and the remedy.
     """
-    tracer = _Tracer(leaf_modules, autowrap_functions)
+    try:
+        return _trace(module, _Tracer(leaf_modules, autowrap_functions))
+    except TraceError:
+        if inputs is None:
+            raise
+        shapes = [tuple(a.shape) if isinstance(a, Tensor) else a for a in inputs]
+        with _state_kept(module):
+            gm = _trace(module, _ShapeTracer(leaf_modules, autowrap_functions, inputs), f" for input shapes {shapes}")
+        gm.meta["shapes"] = shapes
+        log.info("%s has shape-dependent control flow: traced for input shapes %s", type(module).__name__,
+                 gm.meta["shapes"])
+        return gm
+
+
+def _trace(module: nn.Module, tracer: _Tracer, shapes: str = "") -> fx.GraphModule:
     modes = {m: m.training for m in module.modules()}
     try:
         graph = tracer.trace(module)
@@ -59,7 +169,7 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (),
         where = f" in submodule {tracer.failed_in!r}" if tracer.failed_in else ""
         hint = repr(tracer.failed_in) if tracer.failed_in else "'name.of.submodule'"
         raise TraceError(
-            f"cannot trace {type(module).__name__} with torch.fx{where}: {type(exc).__name__}: {exc}. "
+            f"cannot trace {type(module).__name__} with torch.fx{shapes}{where}: {type(exc).__name__}: {exc}. "
             f"Remedy: pass leaf_modules=[{hint}] (a module name or type; it then runs as one global op on the "
             "full tensor) or autowrap_functions=[fn] for a free function with data-dependent control flow."
         ) from exc
@@ -69,37 +179,44 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (),
     return fx.GraphModule(module, graph, class_name=type(module).__name__ + "Traced")
 
 
-def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
-    """Fill ``node.meta["val"]`` with fake (shape-only) values for ``args`` and, where fake tensors can run the
-    module, ``node.meta["saved_output"]``/``["saved_internal"]`` with the bytes autograd saves for backward (see
-    :class:`_SavedTensorProp`), leaving every buffer and RNG as is."""
-    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+@contextlib.contextmanager
+def _state_kept(module: nn.Module) -> Iterator[None]:
+    """Fake runs with autocast off, then buffers and the CPU RNG as they were (train-mode BN, dropout)."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
     rng = torch.get_rng_state()
-    for node in gm.graph.nodes:  # figures of an earlier input shape must not outlive a failed propagation
-        node.meta.pop("saved_output", None)
-        node.meta.pop("saved_internal", None)
     try:
         # NOTE: autocast off: its weight-cast cache would otherwise keep fake copies of real parameters
         with quiet_fake_tensor_logs(), contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
-            try:
-                from torch._subclasses.fake_tensor import FakeTensorMode
-
-                mode = FakeTensorMode(allow_non_fake_inputs=True)
-                fake = [mode.from_tensor(a) if isinstance(a, Tensor) else a for a in args]
-                with torch.enable_grad():
-                    _SavedTensorProp(gm, mode).propagate(*fake)
-            except Exception as exc:  # some ops have no fake kernel: fall back to one real no-grad run
-                log.debug("fake shape propagation failed (%s); running the module once", exc)
-                with torch.no_grad():
-                    _RealShapeProp(gm).run(*args)
+            yield
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
         torch.set_rng_state(rng)
+
+
+def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
+    """Fill ``node.meta["val"]`` with fake (shape-only) values for ``args`` and, where fake tensors can run the
+    module, ``node.meta["saved_output"]``/``["saved_internal"]`` with the bytes autograd saves for backward (see
+    :class:`_SavedTensorProp`), leaving every buffer and RNG as is."""
+    for node in gm.graph.nodes:  # figures of an earlier input shape must not outlive a failed propagation
+        node.meta.pop("saved_output", None)
+        node.meta.pop("saved_internal", None)
+    with _state_kept(gm):
+        try:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            fake = [mode.from_tensor(a) if isinstance(a, Tensor) else a for a in args]
+            with torch.enable_grad():
+                _SavedTensorProp(gm, mode).propagate(*fake)
+        except Exception as exc:  # some ops have no fake kernel: fall back to one real no-grad run
+            log.debug("fake shape propagation failed (%s); running the module once", exc)
+            with torch.no_grad():
+                _RealShapeProp(gm).run(*args)
 
 
 class _SavedTensorProp(FakeTensorProp):

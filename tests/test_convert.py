@@ -6,7 +6,9 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from conftest import assert_equivalent
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -164,6 +166,44 @@ def test_leaf_modules_make_it_work() -> None:
     for leaf in (["block"], [_DataDependent]):
         model = to_row_centric(copy.deepcopy(plain), mode="overl", rows=3, leaf_modules=leaf)
         torch.testing.assert_close(model(x), expected)
+
+
+class _ShapeDependent(nn.Module):
+    """Python control flow on shapes, as segmentation_models_pytorch and timm write it: an input check, tuple
+    unpacking of a shape, TF-style 'same' padding computed from the height, ``len`` of a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Conv2d(8, 8, 3, stride=2)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % 2 or w % 2:
+            raise RuntimeError(f"height and width must be even, got {h}x{w}")
+        f = self.stem(x)
+        pad = max((f.shape[2] // 2 - 1) * 2 + 3 - f.shape[2], 0)
+        d = self.down(F.pad(f, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)))
+        feats = [f, F.interpolate(d, size=(h, w), mode="bilinear", align_corners=False)]
+        return self.head(torch.cat([feats[i] for i in range(len(feats))], 1))
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_shape_dependent_control_flow_is_traced_per_input_shape(mode: str, train: bool) -> None:
+    for shape in ((2, 3, 16, 12), (1, 3, 22, 10)):
+        converted = assert_equivalent(_ShapeDependent, shape, mode=mode, rows=3, train=train)
+        plan = plan_for(converted, torch.randn(*shape, dtype=torch.float64))
+        assert plan.graph is not plan_for(converted, torch.randn(1, 3, 24, 24, dtype=torch.float64)).graph
+        assert any(n.target is F.pad for s in plan.segments for n in s.nodes), "the shape-computed pad is row-local"
+
+
+def test_shape_dependent_control_flow_keeps_the_modules_own_errors() -> None:
+    model = to_row_centric(_ShapeDependent(), mode="2ps", rows=2)
+    with pytest.raises(TraceError, match=r"input shapes \[\(1, 3, 15, 12\)\].*must be even, got 15x12"):
+        model(torch.randn(1, 3, 15, 12))
+    model(torch.randn(1, 3, 16, 12))  # a later good shape still works
 
 
 def test_errors_share_one_vocabulary() -> None:

@@ -1,0 +1,40 @@
+"""Float64 equivalence on timm and segmentation_models_pytorch networks (slow; skipped unless installed:
+``pip install -e '.[zoo]'`` then ``pytest -m slow tests/test_zoo.py``)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_equivalent
+
+# networks no issue names: shape-checked forwards, "same" padding, dropped branches, depthwise and grouped convs
+TIMM = ["resnet18", "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_small_100", "convnext_atto",
+        "regnetx_002", "cspresnet50", "res2net50_14w_8s", "resnest14d", "ghostnet_100", "dla34", "hrnet_w18_small",
+        "vgg11", "rexnet_100", "mixnet_s", "dpn68", "nf_resnet26", "resnetv2_50", "repvgg_a0", "fastvit_t8",
+        "edgenext_xx_small"]
+SMP = ["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "Linknet", "PSPNet", "MAnet", "UPerNet", "Segformer"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("name", TIMM)
+def test_timm(name: str, mode: str) -> None:
+    timm = pytest.importorskip("timm")
+    assert_equivalent(lambda: timm.create_model(name, pretrained=False), (1, 3, 96, 96), mode=mode, rows=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("arch", SMP)
+def test_segmentation_models_pytorch(arch: str, mode: str, train: bool) -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    assert_equivalent(lambda: getattr(smp, arch)(encoder_name="resnet18", encoder_weights=None, classes=2),
+                      (2, 3, 64, 64), mode=mode, rows=3, train=train)
+
+
+@pytest.mark.slow
+def test_smp_transformer_encoder() -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    assert_equivalent(lambda: smp.Unet(encoder_name="mit_b0", encoder_weights=None, classes=2), (1, 3, 64, 64),
+                      mode="overl", rows=3)
+
