@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,7 +195,8 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         cfg = state.config
         gm = state.traces.get(modes)
         if gm is None:
-            gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
+            with _batchnorm_traced_frozen(module, cfg.batchnorm == "freeze"):
+                gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
             if "shapes" not in gm.meta:  # a graph for these input shapes only is kept in their plan
                 state.traces[modes] = gm
         propagate_shapes(gm, inputs)
@@ -202,6 +204,21 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         state.plans[key] = plan
         log.info("row-centric plan for %s %s:\n%s", type(module).__name__, tuple(inputs[0].shape), describe(plan))
     return plan
+
+
+@contextlib.contextmanager
+def _batchnorm_traced_frozen(module: nn.Module, frozen: bool) -> Iterator[None]:
+    """With ``batchnorm="freeze"``, BatchNorm modules are traced in eval mode: a subclass whose forward is traced
+    through (timm's ``BatchNormAct2d``) then records running statistics, as the rule does for ``nn.BatchNorm2d``."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+        if frozen else []
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def _row_centric_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

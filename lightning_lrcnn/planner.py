@@ -17,6 +17,7 @@ from .errors import PlanError
 from .estimate import segment_peaks as estimate_segment_peaks
 from .estimate import segments_peak
 from .geometry import RowInterval
+from .mutation import make_writes_explicit
 from .plan import Band, Plan, Segment, row_bytes
 from .rules import NodeRule, rule_for
 from .trace import fetch_attr
@@ -433,6 +434,7 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
         PlanError: a node cannot be planned; the message shows the node.
     """
     graph = gm.graph
+    make_writes_explicit(graph, root)
     static = _static_nodes(graph)
     rules = _row_local_rules(graph, root, batchnorm, static)
     steps: list[fx.Node | Segment] = []

@@ -206,6 +206,22 @@ def test_shape_dependent_control_flow_keeps_the_modules_own_errors() -> None:
     model(torch.randn(1, 3, 16, 12))  # a later good shape still works
 
 
+class BatchNormReLU(nn.BatchNorm2d):
+    """A BatchNorm subclass whose forward is traced through (like timm's BatchNormAct2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                                   0.1, self.eps))
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_freeze_applies_to_batchnorm_traced_through(mode: str) -> None:
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormReLU(4), nn.Conv2d(4, 2, 3, padding=1))
+
+    assert_equivalent(make, (2, 3, 16, 12), mode=mode, rows=4, train=True, batchnorm="freeze")
+
+
 def test_errors_share_one_vocabulary() -> None:
     assert issubclass(TraceError, TypeError) and issubclass(PlanError, ValueError)
 
