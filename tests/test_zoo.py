@@ -38,3 +38,13 @@ def test_smp_transformer_encoder() -> None:
     assert_equivalent(lambda: smp.Unet(encoder_name="mit_b0", encoder_weights=None, classes=2), (1, 3, 64, 64),
                       mode="overl", rows=3)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batchnorm", ["exact", "freeze"])
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_atto", "mobilenetv3_small_100"])
+def test_timm_training_with_stochastic_depth_and_dropout(name: str, batchnorm: str) -> None:
+    """Train mode: stochastic depth writes its mask in place; BatchNormAct2d is traced through."""
+    timm = pytest.importorskip("timm")
+    assert_equivalent(lambda: timm.create_model(name, pretrained=False, drop_path_rate=0.2, drop_rate=0.1),
+                      (2, 3, 64, 64), mode="overl", rows=3, train=True, batchnorm=batchnorm)
