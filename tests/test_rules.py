@@ -206,6 +206,24 @@ class TinyUNet(nn.Module):
         return self.dec1(torch.cat([self.up1(d2), e1], 1))
 
 
+class PaddedUNet(nn.Module):
+    """The common U-Net decoder step: upsample, pad to the skip's size (amounts computed from shapes), concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True))
+        self.down = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(inplace=True))
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.dec = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.enc(x)
+        u = self.up(self.down(e))
+        dy, dx = e.size()[2] - u.size()[2], e.size()[3] - u.size()[3]
+        u = F.pad(u, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.dec(torch.cat([e, u], dim=1))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("make", [SqueezeExcite, TinyUNet], ids=lambda c: c.__name__)
 def test_graphs_with_branches(make: type, mode: str) -> None:
@@ -238,6 +256,13 @@ def test_a_dropped_result_still_runs(mode: str, train: bool) -> None:
     freed = {v.name: i for i, fs in enumerate(plan.free_after) for v in fs}
     dropped = [v.name for v in plan.graph.nodes if not v.users and v.op != "output"]
     assert dropped and all(freed.get(v) == made[v] for v in dropped)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_computed_from_shapes_runs_band_by_band(mode: str) -> None:
+    converted = assert_equivalent(PaddedUNet, (1, 3, 37, 29), mode=mode, rows=4)
+    plan = plan_for(converted, torch.randn(1, 3, 37, 29, dtype=torch.float64))
+    assert any(n.target is F.pad for s in plan.segments if len(s.bands) > 1 for n in s.nodes)
 
 
 @pytest.mark.parametrize("mode", MODES)
