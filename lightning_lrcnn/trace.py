@@ -25,6 +25,9 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, leaf_modules: LeafSpec, autowrap_functions: Sequence[Callable[..., Any]]) -> None:
         super().__init__(autowrap_functions=tuple(autowrap_functions))
+        # buffers become graph values: ``self.num_batches_tracked.add_(1)`` in a BatchNorm subclass traced through
+        # is then a graph node run at every call, not an update made once, at trace time, to the real buffer
+        self.proxy_buffer_attributes = True
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self.failed_in: str | None = None
@@ -148,7 +151,8 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Se
         TraceError: the module cannot be traced; the message names the failing submodule and the remedy.
     """
     try:
-        return _trace(module, _Tracer(leaf_modules, autowrap_functions))
+        with _state_kept(module):  # what a forward does to real tensors while traced is not a step
+            return _trace(module, _Tracer(leaf_modules, autowrap_functions))
     except TraceError:
         if inputs is None:
             raise

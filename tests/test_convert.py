@@ -210,6 +210,8 @@ class BatchNormReLU(nn.BatchNorm2d):
     """A BatchNorm subclass whose forward is traced through (like timm's BatchNormAct2d)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
         return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
                                    0.1, self.eps))
 
@@ -220,6 +222,30 @@ def test_freeze_applies_to_batchnorm_traced_through(mode: str) -> None:
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormReLU(4), nn.Conv2d(4, 2, 3, padding=1))
 
     assert_equivalent(make, (2, 3, 16, 12), mode=mode, rows=4, train=True, batchnorm="freeze")
+
+
+@pytest.mark.parametrize("shape_dependent", [False, True], ids=["traced_once", "traced_per_shape"])
+def test_buffer_updates_in_code_traced_through_happen_every_step(shape_dependent: bool) -> None:
+    """``num_batches_tracked.add_(1)`` in a forward traced through is a graph node, not a one-off at trace time."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3, padding=1), BatchNormReLU(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if shape_dependent and x.shape[2] % 2:
+                raise ValueError("even heights only")
+            return self.norm(self.conv(x))
+
+    plain = Net().train()
+    converted = to_row_centric(copy.deepcopy(plain), mode="overl", rows=2)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        plain(x).sum().backward()
+        converted(x).sum().backward()
+    assert int(converted.norm.num_batches_tracked) == int(plain.norm.num_batches_tracked) == 3
+    torch.testing.assert_close(converted.norm.running_mean, plain.norm.running_mean)
 
 
 def test_errors_share_one_vocabulary() -> None:
