@@ -30,7 +30,9 @@ _INPLACE_POSITION = {F.relu: 1, F.relu6: 1, F.silu: 1, F.hardswish: 1, F.hardsig
                      F.feature_alpha_dropout: 3}
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "narrow", "transpose", "permute", "flatten", "unflatten",
                  "squeeze", "unsqueeze", "expand", "expand_as", "select", "t", "as_strided", "diagonal", "unfold",
-                 "chunk", "split", "unbind", "movedim", "swapaxes", "detach"}
+                 "chunk", "split", "unbind", "movedim", "swapaxes", "detach",
+                 # these return the tensor itself when nothing needs converting: treated as sharing memory
+                 "contiguous", "to", "type", "type_as", "float", "double", "half", "bfloat16"}
 _VIEW_FUNCTIONS = {operator.getitem, torch.narrow, torch.transpose, torch.permute, torch.flatten, torch.squeeze,
                    torch.unsqueeze, torch.select, torch.reshape, torch.chunk, torch.split, torch.unbind,
                    torch.movedim, torch.swapaxes, torch.t, torch.detach}
