@@ -125,6 +125,8 @@ class _BandRunner:
         def value(v: fx.Node, want: RowInterval | None) -> Any:
             if v in self.static:
                 return self.static[v]
+            if want is not None and want.empty:  # rows made of padding only read no rows of ``v``
+                return self._no_rows(v, held, tensors)
             if v not in held:  # outside the segment: a whole (broadcast) input, or a full tensor
                 x = self.env[v]
                 return x if want is None else _rows(x, RowInterval(0, x.shape[2]), want)
@@ -169,6 +171,17 @@ class _BandRunner:
             for done in band.release.get(node, ()):
                 held.pop(done, None)
         return (*outputs, *(carries[node] for node, _ in band.carry_out))
+
+    def _no_rows(self, v: fx.Node, held: dict[fx.Node, list[tuple[Tensor, RowInterval]]],
+                 tensors: Sequence[Tensor]) -> Tensor:
+        """``v`` with zero rows (a band may compute padding rows of a node whose input it has no rows of)."""
+        if v in held:
+            return held[v][-1][0][:, :, :0]
+        if v in self.env:
+            return self.env[v][:, :, :0]
+        meta = v.meta["val"]
+        device = tensors[0].device if tensors else None
+        return torch.zeros((*meta.shape[:2], 0, *meta.shape[3:]), dtype=meta.dtype, device=device)
 
     def _split(self, node: fx.Node, out: RowInterval, held: dict[fx.Node, list[tuple[Tensor, RowInterval]]]) -> int:
         """First output row from which every row input is read from its newest piece alone (no copy)."""

@@ -74,4 +74,6 @@ def same_padding(kernel: int, dilation: int) -> tuple[int, int]:
 def split_padding(needed: RowInterval, height: int) -> tuple[RowInterval, int, int]:
     """Split unclamped ``needed`` rows into the rows inside ``[0, height)`` and the padding rows above/below."""
     inside = needed.clamp(height)
-    return inside, max(0, -needed.start), max(0, needed.stop - height)
+    rows = len(needed)  # a window wholly in the padding has no more padding rows than rows
+    top = min(rows, max(0, -needed.start))
+    return inside, top, min(rows - top, max(0, needed.stop - height))

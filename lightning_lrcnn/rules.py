@@ -201,7 +201,7 @@ def _conv_rule(in_height: int, kernel: tuple[int, int], stride: Any, padding: An
 
     def call(args: tuple[Any, ...], kwargs: dict[str, Any], top: int, bottom: int, out: RowInterval) -> Tensor:
         x = args[0]
-        if mode == "zeros" and pl == pr:  # the op's own padding: no padded copy to save
+        if mode == "zeros" and pl == pr and x.shape[2] > 0:  # the op's own padding: no padded copy to save
             pad, skip = _own_padding(top, bottom, sh)  # type: ignore[misc]  # no limit: never None
             return _crop(run_conv(x, (pad, pl), args, kwargs), skip, out)
         return run_conv(_pad_band(x, (pl, pr, top, bottom), mode), 0, args, kwargs)

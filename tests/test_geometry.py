@@ -36,6 +36,14 @@ def test_same_padding_and_split() -> None:
     assert same_padding(3, 1) == (1, 1) and same_padding(4, 1) == (1, 2) and same_padding(3, 2) == (2, 2)
     assert split_padding(RowInterval(-2, 5), 10) == (RowInterval(0, 5), 2, 0)
     assert split_padding(RowInterval(7, 12), 10) == (RowInterval(7, 10), 0, 2)
+    assert split_padding(RowInterval(-3, 12), 10) == (RowInterval(0, 10), 3, 2)
+
+
+def test_a_window_wholly_in_the_padding_has_as_many_padding_rows_as_rows() -> None:
+    inside, top, bottom = split_padding(RowInterval(-2, -1), 10)
+    assert inside.empty and (top, bottom) == (1, 0)
+    inside, top, bottom = split_padding(RowInterval(11, 13), 10)
+    assert inside.empty and (top, bottom) == (0, 2)
 
 
 def test_band_count_gives_bands_of_the_target_size() -> None:

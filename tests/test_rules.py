@@ -266,6 +266,19 @@ def test_padding_computed_from_shapes_runs_band_by_band(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows", [2, 3, 5, 8, 11])
+@pytest.mark.parametrize("net", ["pads", "convs"])
+def test_rows_made_of_padding_only(net: str, mode: str, rows: int) -> None:
+    """Output rows whose window lies wholly in the padding (pad top > 1, conv padding > kernel // 2) read no
+    input rows: a band may compute them with none of its input's rows at hand."""
+    make = _stack(nn.AvgPool2d(3, stride=2, padding=1), nn.ZeroPad2d((1, 0, 2, 1)), nn.ZeroPad2d((1, 0, 2, 1)),
+                  nn.GELU()) if net == "pads" else _stack(
+        nn.AvgPool2d(2), nn.AvgPool2d(2), nn.ZeroPad2d((1, 0, 2, 1)), nn.ZeroPad2d((1, 0, 2, 1)),
+        nn.Conv2d(3, 4, (1, 3), padding=(3, 1)), nn.SiLU(), nn.Conv2d(4, 4, 3, padding=2, padding_mode="replicate"))
+    assert_equivalent(make, (1, 3, 41, 29) if net == "pads" else (1, 3, 18, 7), mode=mode, rows=rows, train=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_train_mode_dropout_stays_exact(mode: str) -> None:
     make = _stack(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout2d(0.5), nn.Conv2d(4, 2, 3, padding=1))
     assert_equivalent(make, (2, 3, 16, 16), mode=mode, rows=4, train=True)
