@@ -27,6 +27,7 @@ def assert_equivalent(
     train: bool = False,
     batchnorm: str = "exact",
     dtype: torch.dtype = torch.float64,
+    prepare: Callable[[nn.Module, torch.Tensor], None] | None = None,
     **tolerance: float,
 ) -> nn.Module:
     """Output, input gradient and every parameter gradient match the plain module (and every parameter got one)."""
@@ -37,6 +38,8 @@ def assert_equivalent(
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     x = torch.randn(*shape, dtype=dtype)
+    if prepare is not None:  # e.g. change the converted module's plan for x before it runs
+        prepare(converted, x)
     outs, grads = [], []
     for model in (plain, converted):
         xi = x.clone().requires_grad_()
