@@ -16,6 +16,7 @@ from torch import Tensor, fx, nn
 
 from .errors import PlanError
 from .executor import run_plan
+from .norms import split_image_norms
 from .plan import Plan, describe
 from .planner import MODES, build_plan
 from .rules import BATCHNORM_POLICIES
@@ -197,6 +198,7 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         if gm is None:
             with _batchnorm_traced_frozen(module, cfg.batchnorm == "freeze"):
                 gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
+            split_image_norms(gm)
             if "shapes" not in gm.meta:  # a graph for these input shapes only is kept in their plan
                 state.traces[modes] = gm
         propagate_shapes(gm, inputs)

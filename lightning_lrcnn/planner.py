@@ -387,15 +387,14 @@ def _keep_plain(segment: Segment) -> None:
 def _keep_small_segments(segments: list[Segment], param_grads: dict[fx.Node, int]) -> None:
     """Run plainly (kept for backward, no recomputation) the segments where bands cannot pay off.
 
-    A segment whose inner activations are no larger than its outputs (a lone conv between train-mode
-    BatchNorms) saves nothing when banded: its inputs and outputs are materialised anyway. Deep
+    A segment whose every node is an output (a lone conv between train-mode BatchNorms) saves nothing when
+    banded: its inputs and outputs are materialised anyway. Deep
     low-resolution segments hold little memory but much compute: keeping them costs no peak memory as long as
     they fit under the largest band's transient (their backward frees them before the big bands are
     recomputed), and saves time.
     """
     for s in segments:
-        inner = sum(_full_bytes(v) for v in s.nodes if v not in s.outputs)
-        if inner <= sum(_full_bytes(o) for o in s.outputs):
+        if all(v in s.outputs for v in s.nodes):
             _keep_plain(s)
     banded = [s for s in segments if s.recompute]
     transient = max((_band_bytes(s, b) for s in banded for b in s.bands), default=0)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .norms import normalize
 from .geometry import RowInterval, same_padding, split_padding, transposed_input_rows, window_input_rows
 
 __all__ = ["RowRule", "NodeRule", "rule_for", "BATCHNORM_POLICIES", "recomputing"]
@@ -342,6 +343,7 @@ _ELEMENTWISE_FUNCTIONS = {
     operator.imul: operator.mul, operator.itruediv: operator.truediv, operator.neg: operator.neg,
     torch.add: torch.add, torch.sub: torch.sub, torch.mul: torch.mul, torch.div: torch.div,
     torch.maximum: torch.maximum, torch.minimum: torch.minimum, torch.where: torch.where,
+    normalize: normalize,  # GroupNorm / InstanceNorm after their statistics (see .norms)
 }
 _POINTWISE_METHODS = {
     "relu", "sigmoid", "tanh", "add", "sub", "mul", "div", "neg", "clamp", "abs", "exp", "contiguous",
