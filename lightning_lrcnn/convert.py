@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
+from .estimate import estimate
 from .executor import run_plan
 from .norms import split_image_norms
 from .plan import Plan, describe
@@ -42,7 +43,7 @@ class RowCentricConfig:
 @dataclass
 class _State:
     config: RowCentricConfig
-    traces: dict[tuple[bool, ...], fx.GraphModule] = field(default_factory=dict)
+    traces: dict[tuple[bool, ...], tuple[fx.GraphModule, ...]] = field(default_factory=dict)
     plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     warned: bool = False
 
@@ -194,15 +195,19 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
     plan = state.plans.get(key)
     if plan is None:
         cfg = state.config
-        gm = state.traces.get(modes)
-        if gm is None:
+        graphs = state.traces.get(modes)
+        if graphs is None:
             with _batchnorm_traced_frozen(module, cfg.batchnorm == "freeze"):
                 gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
-            split_image_norms(gm)
+            split = split_image_norms(gm)
+            graphs = (gm,) if split is None else (gm, split)
             if "shapes" not in gm.meta:  # a graph for these input shapes only is kept in their plan
-                state.traces[modes] = gm
-        propagate_shapes(gm, inputs)
-        plan = build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm)
+                state.traces[modes] = graphs
+        plans = []
+        for gm in graphs:  # as traced and, with GroupNorm / InstanceNorm, split: the lower estimated peak
+            propagate_shapes(gm, inputs)
+            plans.append(build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm))
+        plan = min(plans, key=lambda p: estimate(p).peak_bytes)
         state.plans[key] = plan
         log.info("row-centric plan for %s %s:\n%s", type(module).__name__, tuple(inputs[0].shape), describe(plan))
     return plan

@@ -71,10 +71,14 @@ def _image_norm(node: fx.Node, root: nn.Module) -> tuple[Any, int, float, Any, A
     return None
 
 
-def split_image_norms(gm: fx.GraphModule) -> None:
-    """Replace every GroupNorm / InstanceNorm (without running statistics) node of ``gm`` by
-    :func:`image_statistics` (global) and :func:`normalize` (row-local)."""
-    graph = gm.graph
+def split_image_norms(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """A copy of ``gm`` with every GroupNorm / InstanceNorm (without running statistics) replaced by
+    :func:`image_statistics` (global) and :func:`normalize` (row-local), or None when it has none. The planner
+    keeps whichever graph gives the lower estimated peak (a split costs where a norm's input is far smaller
+    than what follows it: FPN's upsampling decoder)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    split = False
     for node in list(graph.nodes):
         spec = _image_norm(node, gm)
         if spec is None or not isinstance(spec[0], fx.Node):
@@ -89,4 +93,9 @@ def split_image_norms(gm: fx.GraphModule) -> None:
             out = graph.call_function(normalize, (x, mean, rstd, weight, bias))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-    gm.recompile()
+        split = True
+    if not split:
+        return None
+    copy = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copy.meta.update(gm.meta)
+    return copy

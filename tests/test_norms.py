@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.convert import plan_for
 from lightning_lrcnn.memory import measure
 from lightning_lrcnn.norms import normalize
+from lightning_lrcnn.plan import Plan
 
 NORMS = {
     "group": lambda c: nn.GroupNorm(2, c),
@@ -44,17 +46,27 @@ class NormUNet(nn.Module):
         return F.group_norm(y, 1, eps=1e-3) if self.functional else y
 
 
+@pytest.fixture
+def split_preferred(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner keeps the graph (split or not) with the lower estimated peak; at test sizes either may win:
+    prefer the split one, so its equivalence is what is tested."""
+    def estimate(plan: Plan) -> SimpleNamespace:
+        return SimpleNamespace(peak_bytes=0 if any(n.target is normalize for n in plan.graph.nodes) else 1)
+
+    monkeypatch.setattr("lightning_lrcnn.convert.estimate", estimate)
+
+
 @pytest.mark.parametrize("mode", ["2ps", "overl"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("norm", list(NORMS))
-def test_norm_unet_matches(norm: str, train: bool, mode: str) -> None:
+def test_norm_unet_matches(norm: str, train: bool, mode: str, split_preferred: None) -> None:
     converted = assert_equivalent(lambda: NormUNet(norm), (2, 3, 20, 14), mode=mode, rows=4, train=train)
     plan = plan_for(converted, torch.randn(2, 3, 20, 14, dtype=torch.float64))
     split = any(n.target is normalize for s in plan.segments if s.recompute for n in s.nodes)
     assert split == (norm != "instance_running")  # running statistics: left as the global op it was
 
 
-def test_functional_group_norm_is_split_too() -> None:
+def test_functional_group_norm_is_split_too(split_preferred: None) -> None:
     converted = assert_equivalent(lambda: NormUNet("group", functional=True), (1, 3, 16, 12), mode="overl", rows=3)
     plan = plan_for(converted, torch.randn(1, 3, 16, 12, dtype=torch.float64))
     assert sum(n.target is normalize for n in plan.graph.nodes) == 7  # six modules and the functional call
@@ -70,6 +82,7 @@ def test_split_norms_save_memory() -> None:
     converted(x)  # plan once
     banded = measure(lambda: converted(x).square().mean().backward()).peak_bytes
     assert banded < 0.7 * plain
+    assert any(n.target is normalize for n in plan_for(converted, x).graph.nodes), "the split graph was kept"
 
 
 def test_norms_under_autocast_match_within_bf16_tolerance() -> None:
@@ -80,3 +93,30 @@ def test_norms_under_autocast_match_within_bf16_tolerance() -> None:
         expected, got = model(x), converted(x)
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("net", ["fpn_head", "unet"])
+def test_the_graph_with_the_lower_estimated_peak_is_kept(net: str) -> None:
+    """Splitting costs where a norm's input is far smaller than what follows (FPN: GroupNorm on a small map,
+    then a 4x upsampling): the planner keeps whichever of the two graphs has the lower estimate."""
+    from lightning_lrcnn.estimate import estimate
+    from lightning_lrcnn.norms import split_image_norms
+    from lightning_lrcnn.planner import build_plan
+    from lightning_lrcnn.trace import propagate_shapes, trace
+
+    def make() -> nn.Module:
+        if net == "unet":
+            return NormUNet("group")
+        return nn.Sequential(nn.Conv2d(3, 16, 3, stride=4, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                             nn.Upsample(scale_factor=4, mode="bilinear"), nn.Conv2d(16, 4, 3, padding=1))
+
+    torch.manual_seed(0)
+    model, x = make().train(), torch.randn(1, 3, 96, 64)
+    peaks = []
+    for gm in (trace(model), split_image_norms(trace(model))):
+        propagate_shapes(gm, [x])
+        peaks.append(estimate(build_plan(gm, model, mode="overl", rows=4, batchnorm="exact")).peak_bytes)
+    converted = to_row_centric(model, mode="overl", rows=4)
+    assert estimate(plan_for(converted, x)).peak_bytes == min(peaks)
+    kept_split = any(n.target is normalize for n in plan_for(converted, x).graph.nodes)
+    assert kept_split == (peaks[1] < peaks[0])
