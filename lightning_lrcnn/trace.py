@@ -101,7 +101,7 @@ class _ShapeTracer(_Tracer):
             return n.meta["val"]
 
         args, kwargs = fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
-        with self.mode:
+        with self.mode, torch.no_grad():  # values only: no autograd graph holding the parameters
             if node.op == "call_module":
                 return self.root.get_submodule(str(node.target))(*args, **kwargs)
             if node.op == "call_method":
@@ -241,10 +241,19 @@ class _SavedTensorProp(FakeTensorProp):
 
     def propagate(self, *args: Any) -> Any:
         # autograd saves the real parameters and buffers themselves (converted to fake only inside each op)
-        before = {_storage(t) for t in [*args, *self.module.parameters(), *self.module.buffers()]
-                  if isinstance(t, Tensor)}
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            result = super().propagate(*args)
+        self.before = {_storage(t) for t in [*args, *self.module.parameters(), *self.module.buffers()]
+                       if isinstance(t, Tensor)}
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, _never_unpacked):
+                super().propagate(*args)
+            self._record()
+        finally:
+            # fake autograd graphs keep the pack hook, and through it this interpreter, alive from C++ where
+            # Python's collector cannot see: drop everything it holds (it kept every converted model alive)
+            self.__dict__.clear()
+
+    def _record(self) -> None:
+        before = self.before
         for node in self.module.graph.nodes:
             node.meta["saved_output"] = node.meta["saved_internal"] = 0
         for key, (node, nbytes) in self.saved.items():
@@ -254,7 +263,10 @@ class _SavedTensorProp(FakeTensorProp):
                 self.owner[key].meta["saved_output"] += nbytes
             else:
                 node.meta["saved_internal"] += nbytes
-        return result
+        for node in self.module.graph.nodes:  # values only: their autograd graph is not needed
+            if "val" in node.meta:
+                node.meta["val"] = fx.node.map_aggregate(
+                    node.meta["val"], lambda v: v.detach() if isinstance(v, Tensor) else v)
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
@@ -265,10 +277,13 @@ class _SavedTensorProp(FakeTensorProp):
                 self.owner[_storage(t)] = n
         return result
 
-    def _pack(self, t: Tensor) -> Tensor:
+    def _pack(self, t: Tensor) -> None:
         if self.current is not None:
             self.saved.setdefault(_storage(t), (self.current, t.untyped_storage().nbytes()))
-        return t
+
+
+def _never_unpacked(_: None) -> Tensor:
+    raise RuntimeError("internal: the fake propagation's autograd graph is never run backward")
 
 
 def _storage(t: Tensor) -> int:

@@ -248,6 +248,21 @@ def test_buffer_updates_in_code_traced_through_happen_every_step(shape_dependent
     torch.testing.assert_close(converted.norm.running_mean, plain.norm.running_mean)
 
 
+@pytest.mark.parametrize("shape_dependent", [False, True], ids=["traced_once", "traced_per_shape"])
+def test_a_converted_model_is_freed_after_use(shape_dependent: bool) -> None:
+    """Planning must not keep the model alive (a fake autograd graph held it from C++: every converted model
+    leaked, about 190 MiB per ResNet-18 pair in the test suite)."""
+    import gc
+    import weakref
+
+    model = to_row_centric(_ShapeDependent() if shape_dependent else _net(), mode="overl", rows=2)
+    model(torch.randn(1, 3, 16, 16, requires_grad=True)).sum().backward()
+    alive = [weakref.ref(m) for m in model.modules()]
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
 def test_errors_share_one_vocabulary() -> None:
     assert issubclass(TraceError, TypeError) and issubclass(PlanError, ValueError)
 
