@@ -8,17 +8,27 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from test_callback import Classifier, _data
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from lightning_lrcnn import RowCentricTraining
 
 
 def _ddp_fit(tmp_path, model: pl.LightningModule, callbacks: list) -> pl.LightningModule:  # type: ignore[no-untyped-def]
-    pl.seed_everything(0)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         precision="64-true", default_root_dir=tmp_path, callbacks=callbacks)
-    trainer.fit(model, _data(dtype=torch.float64))
-    return model
+    for attempt in range(2):
+        pl.seed_everything(0)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             precision="64-true", default_root_dir=tmp_path, callbacks=callbacks)
+        try:
+            trainer.fit(model, _data(dtype=torch.float64))
+            return model
+        except ProcessExitedException as exc:
+            # seen in about one full-suite run in ten, in the *plain* DDP fit: a gloo worker aborted while exiting
+            # after training ("terminate called without an active exception"); spawn hands nothing back then,
+            # so the fit is run again from the same model once; any other failure fails the test
+            if attempt or "SIGABRT" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.mark.parametrize("callback", [RowCentricTraining(mode="2ps", rows=3), RowCentricTraining(mode="auto")],
