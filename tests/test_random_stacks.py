@@ -87,14 +87,13 @@ def _check(seed: int) -> None:
                       prepare=_every_segment_banded(rows))
 
 
-@pytest.mark.parametrize("seed", range(150))
+def _seeds(default: int, slow: int) -> list:
+    """The first ``default`` seeds run by default, the rest up to ``slow`` with ``-m slow``."""
+    return [*range(default), *(pytest.param(s, marks=pytest.mark.slow) for s in range(default, slow))]
+
+
+@pytest.mark.parametrize("seed", _seeds(150, 2000))
 def test_random_stack(seed: int) -> None:
-    _check(seed)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", range(150, 2000))
-def test_random_stack_more(seed: int) -> None:
     _check(seed)
 
 
@@ -169,12 +168,6 @@ def _check_program(seed: int) -> None:
                       prepare=_every_segment_banded(rows))
 
 
-@pytest.mark.parametrize("seed", range(100))
+@pytest.mark.parametrize("seed", _seeds(100, 1500))
 def test_random_graph(seed: int) -> None:
-    _check_program(seed)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", range(100, 1500))
-def test_random_graph_more(seed: int) -> None:
     _check_program(seed)
