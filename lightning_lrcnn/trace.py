@@ -280,6 +280,7 @@ class _SavedTensorProp(FakeTensorProp):
     def _pack(self, t: Tensor) -> None:
         if self.current is not None:
             self.saved.setdefault(_storage(t), (self.current, t.untyped_storage().nbytes()))
+        self.alive.append(t)  # held here, not by autograd, so no storage address is reused during the run
 
 
 def _never_unpacked(_: None) -> Tensor:
