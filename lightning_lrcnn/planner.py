@@ -19,7 +19,7 @@ from .estimate import segments_peak
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
 from .plan import Band, Plan, Segment, row_bytes
-from .rules import NodeRule, rule_for
+from .rules import NodeRule, concrete, rule_for
 from .trace import fetch_attr
 
 __all__ = ["MODES", "band_count", "build_plan"]
@@ -59,12 +59,8 @@ def _static_nodes(graph: fx.Graph) -> dict[fx.Node, Any]:
         shape_query = (node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS) or (
             node.op == "call_method" and node.target in _SHAPE_METHODS)
         if shape_query or all(n in static for n in node.all_input_nodes):
-            static[node] = _concrete(node.meta["val"])
+            static[node] = concrete(node.meta["val"])
     return static
-
-
-def _concrete(value: Any) -> Any:
-    return fx.node.map_aggregate(value, lambda v: int(v) if isinstance(v, torch.SymInt) else v)
 
 
 def _row_local_rules(graph: fx.Graph, root: nn.Module, batchnorm: str,

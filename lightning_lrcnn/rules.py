@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .norms import normalize
 from .geometry import RowInterval, same_padding, split_padding, transposed_input_rows, window_input_rows
+from .norms import normalize
 
-__all__ = ["RowRule", "NodeRule", "rule_for", "BATCHNORM_POLICIES", "recomputing"]
+__all__ = ["RowRule", "NodeRule", "rule_for", "BATCHNORM_POLICIES", "recomputing", "concrete"]
 
 BATCHNORM_POLICIES = ("exact", "freeze", "per_band")
 
@@ -147,17 +147,23 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def _bind(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Arguments by name; graph values computed from shapes (``F.pad(x, (h % 2, ...))``) by their value for the
-    plan's input shapes, tensor-valued nodes as nodes."""
     bound = dict(zip(names, args))
     bound.update(kwargs)
-    return {k: fx.node.map_arg(v, _shape_value) for k, v in bound.items()}
+    return bound
 
 
-def _shape_value(node: fx.Node) -> Any:
-    value = node.meta.get("val")
-    if isinstance(value, Tensor) or value is None:
-        return node
+def _bind_node(names: Sequence[str], node: fx.Node) -> dict[str, Any]:
+    """A node's arguments by name at plan time; values computed from shapes (``F.pad(x, (h % 2, ...))``) by
+    their value for the plan's input shapes, tensor-valued nodes as nodes."""
+    def resolve(v: fx.Node) -> Any:
+        value = v.meta.get("val")
+        return v if isinstance(value, Tensor) or value is None else concrete(value)
+
+    return {k: fx.node.map_arg(v, resolve) for k, v in _bind(names, node.args, node.kwargs).items()}
+
+
+def concrete(value: Any) -> Any:
+    """``value`` with symbolic ints made plain ints."""
     return fx.node.map_aggregate(value, lambda v: int(v) if isinstance(v, torch.SymInt) else v)
 
 
@@ -221,7 +227,7 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 
 def _conv_function(node: fx.Node, in_height: int) -> RowRule | None:
-    b = _bind(_CONV_ARGS, node.args, node.kwargs)
+    b = _bind_node(_CONV_ARGS, node)
     weight = _val(b["weight"])
     if not _is_4d(weight):
         return None
@@ -443,7 +449,7 @@ def _function_rule(node: fx.Node, in_value: Tensor, out_value: Tensor) -> RowRul
     if fn in (F.conv2d, torch.conv2d):
         return _conv_function(node, in_height)
     if fn in (F.conv_transpose2d, torch.conv_transpose2d):
-        b = _bind(_CONVT_ARGS, node.args, node.kwargs)
+        b = _bind_node(_CONVT_ARGS, node)
         weight = _val(b["weight"])
         if not _is_4d(weight):
             return None
@@ -452,38 +458,38 @@ def _function_rule(node: fx.Node, in_value: Tensor, out_value: Tensor) -> RowRul
             b.get("groups", 1), b.get("dilation", 1), lambda a, k: _bind(_CONVT_ARGS, a, k)["weight"],
             lambda a, k: _bind(_CONVT_ARGS, a, k).get("bias"))
     if fn is F.max_pool2d:
-        b = _bind(("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-                  node.args, node.kwargs)
+        b = _bind_node(("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                       node)
         if b.get("return_indices"):
             return None
         return _max_pool_rule(in_height, b["kernel_size"], b.get("stride"), b.get("padding", 0),
                               b.get("dilation", 1), bool(b.get("ceil_mode", False)))
     if fn in (F.avg_pool2d, torch._C._nn.avg_pool2d):
-        b = _bind(("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-                  node.args, node.kwargs)
+        b = _bind_node(("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                        "divisor_override"), node)
         return _avg_pool_rule(in_value, b["kernel_size"], b.get("stride"), b.get("padding", 0),
                               bool(b.get("ceil_mode", False)), bool(b.get("count_include_pad", True)),
                               b.get("divisor_override"))
     if fn is F.interpolate:
-        b = _bind(("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"),
-                  node.args, node.kwargs)
+        b = _bind_node(("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                        "antialias"), node)
         if b.get("antialias"):
             return None
         return _resample_rule(in_value, out_value, b.get("size"), b.get("scale_factor"), b.get("mode", "nearest"),
                               b.get("align_corners"), b.get("recompute_scale_factor"))
     if fn is F.pad:
-        b = _bind(("input", "pad", "mode", "value"), node.args, node.kwargs)
+        b = _bind_node(("input", "pad", "mode", "value"), node)
         if b.get("mode", "constant") != "constant" or not isinstance(b["pad"], (list, tuple)):
             return None
         return _pad_rule(in_height, b["pad"], float(b.get("value") or 0.0))
     if fn is F.batch_norm:
-        b = _bind(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-                  node.args, node.kwargs)
+        b = _bind_node(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                       node)
         if b.get("training", False) or b["running_mean"] is None:
             return None
         return RowRule(in_height, lambda a, k: F.batch_norm(*a, **k))
     if fn in (F.dropout, F.dropout2d, F.alpha_dropout):
-        b = _bind(("input", "p", "training", "inplace"), node.args, node.kwargs)
+        b = _bind_node(("input", "p", "training", "inplace"), node)
         return None if b.get("training", True) else RowRule(in_height, lambda a, k: a[0])
     if fn is torch.cat:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
