@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import plan_for, restore, row_centric_config, to_row_centric
+from .convert import cached_plans, plan_for, restore, row_centric_config, to_row_centric
 from .errors import RowCentricError
 from .estimate import estimate, estimate_plain
 from .memory import MIB, measure, time_call
@@ -59,6 +59,7 @@ class CandidateResult:
     fits: bool
     note: str = ""
     estimate_bytes: int | None = None  # analytic estimate for the targets alone (None: no estimate)
+    ran_plain: bool = False  # every target ran as usual (its plan would not have saved memory; see ``note``)
 
     def row(self) -> str:
         peak = "-" if self.peak_bytes is None else f"{self.peak_bytes / MIB:.1f} MiB"
@@ -222,6 +223,11 @@ def _estimate(targets: Sequence[nn.Module], inputs: list[tuple[tuple, dict]], ca
         return None
 
 
+def _plain_reasons(targets: Sequence[nn.Module]) -> list[str]:
+    """Why targets ran as usual in the last step under the current conversion (one entry per such target)."""
+    return [p.plain_reason for t in targets for p in cached_plans(t)[-1:] if p.plain_reason]
+
+
 def _apply(targets: Sequence[nn.Module], candidate: Candidate, batchnorm: str, convert_kwargs: dict[str, Any]) -> None:
     for t in targets:
         if candidate.mode == "column":
@@ -276,8 +282,10 @@ def choose_plan(
                 snapshot.restore()
                 results.append(CandidateResult(candidate, None, None, False, "out of memory", est))
                 continue
+            reasons = _plain_reasons(targets) if candidate.mode != "column" else []
+            note = f"runs as usual: {'; '.join(sorted(set(reasons)))}" if reasons else ""
             results.append(CandidateResult(candidate, measured.peak_bytes, seconds, measured.peak_bytes <= budget,
-                                           estimate_bytes=est))
+                                           note, est, ran_plain=len(reasons) == len(targets)))
             log.info("lrcnn probe %s", results[-1].row())
     finally:
         snapshot.restore()

@@ -47,7 +47,8 @@ class RowCentricTraining(Callback):
     - ``lrcnn/baseline_estimated``
     - ``lrcnn/memory_saved_pct``: ``100 * (1 - peak / baseline)``
     - ``lrcnn/step_time_ratio``: step time with the chosen plan over the plain model's (NaN if not measured)
-    - ``lrcnn/rows``: band count (0 for the plain model)
+    - ``lrcnn/rows``: band count (0 for the plain model, and when no row-centric plan is estimated below the
+      plain model's peak, so the targets run as usual; the reason is logged once and in the choice's report)
 
     Hyperparameters: ``lrcnn/mode`` and ``lrcnn/batchnorm`` (with ``mode="off"`` these, ``"off"``, and the
     epoch peak below are all that is logged, so a sweep over modes can show the plain runs). Each training epoch:
@@ -260,7 +261,7 @@ class RowCentricTraining(Callback):
             "lrcnn/baseline_estimated": float(estimated),
             "lrcnn/memory_saved_pct": 100.0 * (1.0 - peak / baseline) if baseline == baseline else float("nan"),
             "lrcnn/step_time_ratio": ratio,
-            "lrcnn/rows": float(0 if self.chosen.mode == "column" else self.chosen.rows),
+            "lrcnn/rows": float(0 if self.chosen.mode == "column" or (chosen and chosen.ran_plain) else self.chosen.rows),
         }
 
     def _log_choice(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
-from .estimate import estimate
+from .estimate import estimate, estimate_plain
 from .executor import run_plan
 from .norms import split_image_norms
 from .plan import Plan, describe
-from .planner import MODES, build_plan
+from .planner import MODES, build_plan, plain_plan
 from .rules import BATCHNORM_POLICIES
 from .trace import LeafSpec, propagate_shapes, trace
 
@@ -199,7 +199,7 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         if graphs is None:
             with _batchnorm_traced_frozen(module, cfg.batchnorm == "freeze"):
                 gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
-            split = split_image_norms(gm)
+            split = split_image_norms(gm, cfg.batchnorm)
             graphs = (gm,) if split is None else (gm, split)
             if "shapes" not in gm.meta:  # a graph for these input shapes only is kept in their plan
                 state.traces[modes] = graphs
@@ -208,9 +208,22 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
             propagate_shapes(gm, inputs)
             plans.append(build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm))
         plan = min(plans, key=lambda p: estimate(p).peak_bytes)
+        plan = _never_worse(plan, plans[0])
         state.plans[key] = plan
         log.info("row-centric plan for %s %s:\n%s", type(module).__name__, tuple(inputs[0].shape), describe(plan))
     return plan
+
+
+def _never_worse(plan: Plan, traced: Plan) -> Plan:
+    """``plan``, or the module run as usual when ``plan`` is not estimated below the plain model (``traced`` is
+    the plan of the graph as traced, so its plain estimate is the plain model's)."""
+    if not plan.segments:
+        return plain_plan(traced, "no row-local region (no convolution, pooling or pointwise op on image rows)")
+    planned, plain = estimate(plan).peak_bytes, estimate_plain(traced)
+    if planned < plain:
+        return plan
+    return plain_plan(traced, f"the row-centric plan's estimated peak ({planned / 2**20:.1f} MiB) is not below the "
+                              f"plain model's ({plain / 2**20:.1f} MiB)")
 
 
 @contextlib.contextmanager
@@ -232,10 +245,10 @@ def _row_centric_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _State = self.__dict__[_ATTR]
     inputs = _bind_inputs(self, args, kwargs)
     plan = _plan(self, state, inputs)
-    if not plan.segments and not state.warned:
+    if plan.plain_reason and not state.warned:
         state.warned = True
-        log.warning("%s has no row-local region for input %s: it runs as usual", type(self).__name__,
-                    tuple(inputs[0].shape))
+        log.warning("%s runs as usual (not row-centric) for input %s: %s", type(self).__name__,
+                    tuple(inputs[0].shape), plan.plain_reason)
     try:
         return run_plan(plan, self, inputs)
     except PlanError:

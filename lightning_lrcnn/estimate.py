@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from .plan import Band, Plan, Segment, row_bytes
+from .rules import row_dim
 
 __all__ = ["Estimate", "estimate", "estimate_plain", "segment_peaks", "segments_peak"]
 
@@ -157,7 +158,7 @@ def _band_costs(segment: Segment, band: Band, inside: set[fx.Node]) -> list[_Cos
         if not rows:
             continue
         output, internal = _saved(v)
-        saved = (row_bytes(v) * rows if output else 0) + internal * rows // max(1, v.meta["val"].shape[2])
+        saved = (row_bytes(v) * rows if output else 0) + internal * rows // max(1, v.meta["val"].shape[row_dim(v)])
         made = row_bytes(v) * rows
         through = made + sum(row_bytes(u) * _band_rows(band, u) for u in v.all_input_nodes if u in inside)
         costs.append(_Cost(saved, made, through, 0))

@@ -19,29 +19,29 @@ from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
 from .plan import Band, Plan, Segment
-from .rules import recomputing
+from .rules import recomputing, row_dim
 from .trace import fetch_attr
 
 __all__ = ["run_plan"]
 
 
-def _rows(t: Tensor, have: RowInterval, want: RowInterval) -> Tensor:
-    """Rows ``want`` of ``t``, a tensor that holds rows ``have``."""
+def _rows(t: Tensor, have: RowInterval, want: RowInterval, dim: int) -> Tensor:
+    """Rows ``want`` (along axis ``dim``) of ``t``, a tensor that holds rows ``have``."""
     if want == have:
         return t
-    return t[:, :, want.start - have.start : want.stop - have.start]
+    return t.narrow(dim, want.start - have.start, len(want))
 
 
 class _GradSum:
     """The gradient of one segment input, summed in place as the bands' backward passes hand in their rows."""
 
-    def __init__(self, shape: torch.Size) -> None:
-        self.shape, self.total = shape, None  # type: tuple[torch.Size, Tensor | None]
+    def __init__(self, shape: torch.Size, dim: int) -> None:
+        self.shape, self.dim, self.total = shape, dim, None  # type: tuple[torch.Size, int, Tensor | None]
 
     def add(self, rows: RowInterval, grad: Tensor) -> None:
         if self.total is None:
             self.total = grad.new_zeros(self.shape)
-        self.total[:, :, rows.start : rows.stop] += grad
+        self.total.narrow(self.dim, rows.start, len(rows)).add_(grad)
 
 
 class _Collect(torch.autograd.Function):
@@ -70,7 +70,7 @@ class _Rows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, rows: RowInterval, total: _GradSum) -> Tensor:  # type: ignore[override]
         ctx.rows, ctx.total = rows, total
-        return x[:, :, rows.start : rows.stop]
+        return x.narrow(total.dim, rows.start, len(rows))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
@@ -88,14 +88,14 @@ def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> Iterator[list[Ten
     for node in {node: None for band in segment.bands for node, _ in band.inputs}:
         x = env[node]
         if x.requires_grad and torch.is_grad_enabled():
-            total = _GradSum(x.shape)
+            total = _GradSum(x.shape, row_dim(node))
             anchors[node] = (_Collect.apply(x, total), total)
         else:
             anchors[node] = (x, None)
 
     def rows(node: fx.Node, r: RowInterval) -> Tensor:
         x, total = anchors[node]
-        return x[:, :, r.start : r.stop] if total is None else _Rows.apply(x, r, total)
+        return x.narrow(row_dim(node), r.start, len(r)) if total is None else _Rows.apply(x, r, total)
 
     for band in segment.bands:
         yield [rows(node, r) for node, r in band.inputs]
@@ -129,14 +129,15 @@ class _BandRunner:
                 return self._no_rows(v, held, tensors)
             if v not in held:  # outside the segment: a whole (broadcast) input, or a full tensor
                 x = self.env[v]
-                return x if want is None else _rows(x, RowInterval(0, x.shape[2]), want)
+                return x if want is None else _rows(x, RowInterval(0, x.shape[row_dim(v)]), want, row_dim(v))
             if want is None:  # an outside row input also read whole
                 return self.env[v]
+            dim = row_dim(v)
             for t, have in reversed(held[v]):
                 if have.contains(want):
-                    return _rows(t, have, want)
-            return torch.cat([_rows(t, have, RowInterval(max(want.start, have.start), min(want.stop, have.stop)))
-                              for t, have in held[v] if have.start < want.stop and want.start < have.stop], dim=2)
+                    return _rows(t, have, want, dim)
+            return torch.cat([_rows(t, have, RowInterval(max(want.start, have.start), min(want.stop, have.stop)), dim)
+                              for t, have in held[v] if have.start < want.stop and want.start < have.stop], dim=dim)
 
         def compute(node: fx.Node, out: RowInterval) -> Tensor:
             node_rule = seg.rules[node]
@@ -160,7 +161,7 @@ class _BandRunner:
             split = self._split(node, out, held)
             if out.start < split < out.stop:  # only the first rows read the boundary rows: join just those
                 result = torch.cat([compute(node, RowInterval(out.start, split)),
-                                    compute(node, RowInterval(split, out.stop))], dim=2)
+                                    compute(node, RowInterval(split, out.stop))], dim=row_dim(node))
             else:
                 result = compute(node, out)
             held.setdefault(node, []).append((result, out))
@@ -175,13 +176,14 @@ class _BandRunner:
     def _no_rows(self, v: fx.Node, held: dict[fx.Node, list[tuple[Tensor, RowInterval]]],
                  tensors: Sequence[Tensor]) -> Tensor:
         """``v`` with zero rows (a band may compute padding rows of a node whose input it has no rows of)."""
+        dim = row_dim(v)
         if v in held:
-            return held[v][-1][0][:, :, :0]
+            return held[v][-1][0].narrow(dim, 0, 0)
         if v in self.env:
-            return self.env[v][:, :, :0]
+            return self.env[v].narrow(dim, 0, 0)
         meta = v.meta["val"]
         device = tensors[0].device if tensors else None
-        return torch.zeros((*meta.shape[:2], 0, *meta.shape[3:]), dtype=meta.dtype, device=device)
+        return torch.zeros((*meta.shape[:dim], 0, *meta.shape[dim + 1 :]), dtype=meta.dtype, device=device)
 
     def _split(self, node: fx.Node, out: RowInterval, held: dict[fx.Node, list[tuple[Tensor, RowInterval]]]) -> int:
         """First output row from which every row input is read from its newest piece alone (no copy)."""
@@ -217,7 +219,7 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
             pieces[node].append(t)
         carries = tuple(result[n_out:])
     for node, parts in pieces.items():
-        env[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        env[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=row_dim(node))
 
 
 def _run_node(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> Any:

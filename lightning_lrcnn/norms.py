@@ -1,4 +1,5 @@
-"""GroupNorm and InstanceNorm split into statistics over the whole image and a row-local normalisation.
+"""GroupNorm, InstanceNorm and train-mode BatchNorm split into statistics over the whole image (or batch) and
+a row-local normalisation.
 
 Their statistics need every row, so as one op they are global: the full input, the full output and the
 activation after it are all materialised and kept for backward, and every convolution between two such norms
@@ -7,6 +8,12 @@ is global (it reads the convolution output that is materialised anyway and keeps
 plain op); the normalisation, the activation and the next convolution then run band by band. Same formula
 as PyTorch's kernels (biased variance, ``rsqrt(var + eps)``), autograd through both parts; under autocast
 both run in float32, as autocast runs ``group_norm``.
+
+Train-mode BatchNorm (``batchnorm="exact"``) splits the same way: :func:`batch_statistics` takes the
+per-channel mean and biased variance over N, H and W and moves ``running_mean``, ``running_var`` and
+``num_batches_tracked`` exactly as ``nn.BatchNorm2d`` does (``momentum=None``: cumulative average; unbiased
+running variance); it runs once per forward as a global step, never inside a recomputed band.
+``nn.SyncBatchNorm`` is not split: it runs whole, as a global op, so its statistics are reduced across ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["split_image_norms", "image_statistics", "normalize"]
+__all__ = ["split_image_norms", "image_statistics", "batch_statistics", "normalize"]
 
 
 def _as_float32(x: Tensor) -> Tensor:
@@ -38,16 +45,66 @@ def image_statistics(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
             torch.rsqrt(var + eps).repeat_interleave(per_channel, 1).reshape(shape))
 
 
-def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``(x - mean) * rstd`` then the per-channel affine transform: elementwise, so row-local."""
+def batch_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                     num_batches_tracked: Tensor | None, momentum: float | None, eps: float) -> tuple[Tensor, Tensor]:
+    """Per channel, the mean and ``1 / sqrt(var + eps)`` over N, H, W (biased variance), shaped ``(1, C, 1, 1)``
+    (any input with channels in dimension 1);
+    running statistics (when given) move as in train-mode ``nn.BatchNorm2d``: ``num_batches_tracked`` (when
+    given) counts the batch first, and ``momentum=None`` averages cumulatively."""
     x = _as_float32(x)
-    y = (x - mean) * rstd
+    var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            factor = 1.0 / float(num_batches_tracked) if momentum is None and num_batches_tracked is not None \
+                else (0.0 if momentum is None else float(momentum))
+            n = x.numel() // x.shape[1]
+            unbiased = var * (n / max(n - 1, 1))
+            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+    return mean.reshape(shape), torch.rsqrt(var + eps).reshape(shape)
+
+
+def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``(x - mean) * rstd`` then the per-channel affine transform: elementwise, so row-local. Its backward
+    keeps only ``x`` (held anyway, by the statistics' backward, or a band's input) and the per-channel values."""
+    return _Normalize.apply(x, mean, rstd, weight, bias)
+
+
+class _Normalize(torch.autograd.Function):
+    """:func:`normalize` with a backward that recomputes ``x - mean`` instead of saving it and the normalised
+    value (plain autograd would save two tensors of ``x``'s size beside ``x``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,  # type: ignore[override]
+                bias: Tensor | None) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (_as_float32(x) - mean).mul_(rstd)
+        if weight is not None:
+            y.mul_(weight.reshape(shape))
+        if bias is not None:
+            y.add_(bias.reshape(shape))
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.cast = torch.is_autocast_enabled(x.device.type)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, mean, rstd, weight = ctx.saved_tensors
+        xf = x.float() if ctx.cast and x.dtype in (torch.float16, torch.bfloat16) else x
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        g = grad if weight is None else grad * weight.reshape(shape)
+        need = ctx.needs_input_grad
+        centered = xf - mean if need[2] or need[3] else None
+        dx = (g * rstd).to(x.dtype) if need[0] else None
+        dmean = -(g * rstd).sum_to_size(mean.shape) if need[1] else None
+        drstd = (g * centered).sum_to_size(rstd.shape) if need[2] else None
+        dweight = (grad * centered * rstd).sum_to_size(shape).reshape(weight.shape) if need[3] else None
+        dbias = grad.sum_to_size(shape).reshape(-1) if ctx.has_bias and need[4] else None
+        return dx, dmean, drstd, dweight, dbias
 
 
 def _image_norm(node: fx.Node, root: nn.Module) -> tuple[Any, int, float, Any, Any] | None:
@@ -71,9 +128,41 @@ def _image_norm(node: fx.Node, root: nn.Module) -> tuple[Any, int, float, Any, A
     return None
 
 
-def split_image_norms(gm: fx.GraphModule) -> fx.GraphModule | None:
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _batch_norm(node: fx.Node, root: nn.Module, batchnorm: str) -> tuple[Any, tuple[Any, ...], Any, Any] | None:
+    """``(input, statistics arguments after the input, weight, bias)`` of a 2-D BatchNorm that normalises with
+    the batch's statistics, or None. With ``batchnorm="freeze"``/``"per_band"`` only one without running
+    statistics (it has no other choice)."""
+    if node.op == "call_module":
+        m = root.get_submodule(str(node.target))
+        if type(m) is not nn.BatchNorm2d or len(node.args) != 1 or node.kwargs:
+            return None
+        batch = m.training or m.running_mean is None
+        if not batch or (batchnorm != "exact" and m.running_mean is not None):
+            return None
+        name = str(node.target)
+        tracked = m.training and m.track_running_stats and m.running_mean is not None
+        buffers = tuple(f"{name}.{b}" if tracked else None
+                        for b in ("running_mean", "running_var", "num_batches_tracked"))
+        if tracked and m.num_batches_tracked is None:
+            buffers = (*buffers[:2], None)
+        return (node.args[0], (*buffers, m.momentum, m.eps), f"{name}.weight" if m.weight is not None else None,
+                f"{name}.bias" if m.bias is not None else None)
+    if node.op == "call_function" and node.target is F.batch_norm:
+        b = dict(zip(_BN_ARGS, node.args)) | dict(node.kwargs)
+        if b.get("training", False) is not True or (batchnorm != "exact" and b.get("running_mean") is not None):
+            return None
+        return (b["input"], (b.get("running_mean"), b.get("running_var"), None, b.get("momentum", 0.1),
+                             b.get("eps", 1e-5)), b.get("weight"), b.get("bias"))
+    return None
+
+
+def split_image_norms(gm: fx.GraphModule, batchnorm: str = "exact") -> fx.GraphModule | None:
     """A copy of ``gm`` with every GroupNorm / InstanceNorm (without running statistics) replaced by
-    :func:`image_statistics` (global) and :func:`normalize` (row-local), or None when it has none. The planner
+    :func:`image_statistics` (global) and :func:`normalize` (row-local), and every BatchNorm2d that normalises
+    with batch statistics by :func:`batch_statistics` and :func:`normalize`; None when it has none. The planner
     keeps whichever graph gives the lower estimated peak (a split costs where a norm's input is far smaller
     than what follows it: FPN's upsampling decoder)."""
     graph = fx.Graph()
@@ -81,11 +170,19 @@ def split_image_norms(gm: fx.GraphModule) -> fx.GraphModule | None:
     split = False
     for node in list(graph.nodes):
         spec = _image_norm(node, gm)
-        if spec is None or not isinstance(spec[0], fx.Node):
+        bn = None if spec is not None else _batch_norm(node, gm, batchnorm)
+        if bn is not None and isinstance(bn[0], fx.Node):
+            x, args, weight, bias = bn
+            with graph.inserting_before(node):
+                args = tuple(graph.get_attr(a) if isinstance(a, str) else a for a in args[:3]) + args[3:]
+                stats = graph.call_function(batch_statistics, (x, *args))
+        elif spec is not None and isinstance(spec[0], fx.Node):
+            x, groups, eps, weight, bias = spec
+            with graph.inserting_before(node):
+                stats = graph.call_function(image_statistics, (x, groups, eps))
+        else:
             continue
-        x, groups, eps, weight, bias = spec
         with graph.inserting_before(node):
-            stats = graph.call_function(image_statistics, (x, groups, eps))
             mean = graph.call_function(operator.getitem, (stats, 0))
             rstd = graph.call_function(operator.getitem, (stats, 1))
             weight = graph.get_attr(weight) if isinstance(weight, str) else weight

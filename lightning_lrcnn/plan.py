@@ -12,7 +12,7 @@ from typing import Any
 from torch import fx
 
 from .geometry import RowInterval
-from .rules import NodeRule
+from .rules import NodeRule, row_dim
 
 __all__ = ["Band", "Segment", "Plan", "describe", "row_bytes"]
 
@@ -55,6 +55,7 @@ class Plan:
     free_after: list[list[fx.Node]]
     graph: fx.Graph
     param_grads: dict[fx.Node, int] = field(default_factory=dict)  # bytes of the trainable parameters a node uses
+    plain_reason: str = ""  # why the module runs as usual for this shape ("" when it runs row-centric)
 
     @property
     def segments(self) -> list[Segment]:
@@ -64,11 +65,13 @@ class Plan:
 def row_bytes(node: fx.Node) -> int:
     """Bytes of one row (all of N, C, W) of a node's 4-D output."""
     v = node.meta["val"]
-    return int(v.numel() // max(1, v.shape[2])) * v.element_size()
+    return int(v.numel() // max(1, v.shape[row_dim(node)])) * v.element_size()
 
 
 def describe(plan: Plan) -> str:
-    """One line per segment: nodes, bands, overlap (for logs and debugging)."""
+    """One line per segment: nodes, bands, overlap (for logs and debugging); why a plain plan is plain."""
+    if plan.plain_reason:
+        return f"runs as usual: {plan.plain_reason}"
     lines = []
     for s in plan.segments:
         how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"

@@ -19,10 +19,10 @@ from .estimate import segments_peak
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
 from .plan import Band, Plan, Segment, row_bytes
-from .rules import NodeRule, concrete, rule_for
+from .rules import NodeRule, _moved_row_dim, concrete, row_dim, rule_for
 from .trace import fetch_attr
 
-__all__ = ["MODES", "band_count", "build_plan"]
+__all__ = ["MODES", "band_count", "build_plan", "plain_plan"]
 
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
@@ -54,13 +54,44 @@ def _static_nodes(graph: fx.Graph) -> dict[fx.Node, Any]:
     """Nodes whose value depends only on shapes (``x.shape[-2:]``, ``x.size(2)``...): constants per plan."""
     static: dict[fx.Node, Any] = {}
     for node in graph.nodes:
-        if node.op not in ("call_function", "call_method") or "val" not in node.meta or _has_tensor(node.meta["val"]):
+        # a node with no recorded value returned None (``torch._assert(x.ndim == 4, ...)`` in timm's norm layers)
+        if node.op not in ("call_function", "call_method") or _has_tensor(node.meta.get("val")):
+            continue
+        if "val" not in node.meta and not node.all_input_nodes:
             continue
         shape_query = (node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS) or (
             node.op == "call_method" and node.target in _SHAPE_METHODS)
         if shape_query or all(n in static for n in node.all_input_nodes):
-            static[node] = concrete(node.meta["val"])
+            static[node] = concrete(node.meta.get("val"))
     return static
+
+
+def _set_row_dims(graph: fx.Graph) -> None:
+    """``node.meta["row_dim"]`` for every 4-D value: the axis the image rows are in. 2 (NCHW) except after a
+    ``permute``/``transpose`` that moved them, and for values computed from such a value along other axes
+    (channels-last LayerNorm, Linear, pointwise ops: same shape but perhaps the last axis)."""
+    for node in graph.nodes:
+        node.meta.pop("row_dim", None)
+        if node.op == "placeholder" or not _is_4d(node):
+            continue
+        inputs = [u for u in node.all_input_nodes if _is_4d(u)]
+        first = node.args[0] if node.args else None
+        if isinstance(first, fx.Node) and _is_4d(first):
+            moved = _moved_row_dim(node, row_dim(first))
+            if moved is not None:
+                node.meta["row_dim"] = moved
+                continue
+        shape = node.meta["val"].shape
+        for u in inputs:
+            r = row_dim(u)
+            if r != 2 and r < 3 and u.meta["val"].shape[:3] == shape[:3]:
+                node.meta["row_dim"] = r
+                break
+
+
+def _is_4d(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, Tensor) and value.dim() == 4
 
 
 def _row_local_rules(graph: fx.Graph, root: nn.Module, batchnorm: str,
@@ -76,6 +107,24 @@ def _row_local_rules(graph: fx.Graph, root: nn.Module, batchnorm: str,
         if rule is not None:
             rules[node] = rule
     return rules
+
+
+def _sink_row_local_nodes(graph: fx.Graph, rules: dict[fx.Node, NodeRule]) -> None:
+    """Reorder ``graph`` so each row-local node comes right before its first reader; every other node keeps its
+    place relative to the others (so side effects keep their order).
+
+    Regions are runs of row-local nodes in graph order; a global node written between two independent
+    row-local parts (a ResNet block's shortcut BatchNorm statistics between the main branch's last
+    normalisation and the add) would cut the run in two and materialise what crosses the cut.
+    """
+    order: list[fx.Node] = []
+    for node in reversed(graph.nodes):
+        at = {v: i for i, v in enumerate(order)}
+        users = [at[u] for u in node.users if u in at]
+        order.insert(min(users) if node in rules and users else 0, node)
+    for before, node in zip(order, order[1:]):
+        if before.next is not node:
+            before.append(node)
 
 
 def _regions(graph: fx.Graph, rules: dict[fx.Node, NodeRule], static: dict[fx.Node, Any]) -> list[list[fx.Node]]:
@@ -104,7 +153,7 @@ def _regions(graph: fx.Graph, rules: dict[fx.Node, NodeRule], static: dict[fx.No
 
 
 def _height(node: fx.Node) -> int:
-    return int(node.meta["val"].shape[2])
+    return int(node.meta["val"].shape[row_dim(node)])
 
 
 class _SegmentGeometry:
@@ -430,8 +479,10 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     """
     graph = gm.graph
     make_writes_explicit(graph, root)
+    _set_row_dims(graph)
     static = _static_nodes(graph)
     rules = _row_local_rules(graph, root, batchnorm, static)
+    _sink_row_local_nodes(graph, rules)
     steps: list[fx.Node | Segment] = []
     region_of: dict[fx.Node, list[Segment]] = {}
     param_grads = _param_grads(graph, root)
@@ -449,6 +500,14 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
     _relieve_peak(plan)
     return plan
+
+
+def plain_plan(plan: Plan, reason: str) -> Plan:
+    """The same graph run as usual: every node a global step, nothing banded or recomputed."""
+    nodes = [v for step in plan.steps for v in (step.nodes if isinstance(step, Segment) else [step])]
+    order = {v: i for i, v in enumerate(plan.graph.nodes)}
+    steps: list[fx.Node | Segment] = sorted(nodes, key=order.__getitem__)
+    return Plan(steps, plan.static, _free_after(plan.graph, steps), plan.graph, plan.param_grads, reason)
 
 
 def _param_grads(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, int]:

@@ -22,7 +22,7 @@ from torch import Tensor, fx, nn
 from .geometry import RowInterval, same_padding, split_padding, transposed_input_rows, window_input_rows
 from .norms import normalize
 
-__all__ = ["RowRule", "NodeRule", "rule_for", "BATCHNORM_POLICIES", "recomputing", "concrete"]
+__all__ = ["RowRule", "NodeRule", "rule_for", "row_dim", "BATCHNORM_POLICIES", "recomputing", "concrete"]
 
 BATCHNORM_POLICIES = ("exact", "freeze", "per_band")
 
@@ -138,6 +138,12 @@ def _val(node: Any) -> Any:
 
 def _is_4d(value: Any) -> bool:
     return isinstance(value, Tensor) and value.dim() == 4
+
+
+def row_dim(node: fx.Node) -> int:
+    """The axis of a node's 4-D value that bands cut (2 unless a permute moved the image rows: channels-last
+    blocks hold them in axis 1); set by the planner in ``node.meta["row_dim"]``."""
+    return int(node.meta.get("row_dim", 2))
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -407,10 +413,18 @@ def _batchnorm_rule(m: nn.modules.batchnorm._BatchNorm, in_height: int, policy: 
 # --------------------------------------------------------------------------------------------- dispatch
 
 
-def _module_rule(m: nn.Module, node: fx.Node, in_value: Tensor, out_value: Tensor, policy: str) -> RowRule | None:
-    in_height = in_value.shape[2]
+def _module_rule(m: nn.Module, node: fx.Node, in_value: Tensor, out_value: Tensor, policy: str,
+                 dim: int) -> RowRule | None:
+    in_height = in_value.shape[dim]
     if len(node.args) != 1 or node.kwargs:
         return None
+    if isinstance(m, nn.LayerNorm) and dim < in_value.dim() - len(m.normalized_shape):
+        return RowRule(in_height, lambda args, kwargs: m(args[0]))  # over trailing axes the rows are not in
+    if isinstance(m, nn.Linear) and dim < in_value.dim() - 1:
+        return RowRule(in_height, lambda args, kwargs: m(args[0]))
+    if dim != 2:  # rows in another axis (channels-last): pointwise ops only
+        call = _module_activation(m)
+        return None if call is None else RowRule(in_height, call)
     if type(m) is nn.Conv2d:
         return _conv_module(m, in_height)
     if type(m) is nn.ConvTranspose2d and m.padding_mode == "zeros":
@@ -444,8 +458,53 @@ def _pad_rule(in_height: int, pads: Sequence[int], value: float) -> RowRule | No
     return WindowRule(in_height, 1, 1, top, 1, call)
 
 
-def _function_rule(node: fx.Node, in_value: Tensor, out_value: Tensor) -> RowRule | None:
-    fn, in_height = node.target, in_value.shape[2]
+def _last_axes_function(node: fx.Node, in_value: Tensor, dim: int) -> RowRule | None:
+    """``F.layer_norm`` / ``F.linear`` over trailing axes that do not hold the rows (channels-last blocks)."""
+    in_height = in_value.shape[dim]
+    if node.target is F.layer_norm:
+        b = _bind_node(("input", "normalized_shape", "weight", "bias", "eps"), node)
+        shape = b["normalized_shape"]
+        axes = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+        return RowRule(in_height, lambda a, k: F.layer_norm(*a, **k)) if dim < in_value.dim() - axes else None
+    return RowRule(in_height, lambda a, k: F.linear(*a, **k)) if dim < in_value.dim() - 1 else None
+
+
+def _stochastic_depth_rule(node: fx.Node, in_height: int) -> RowRule | None:
+    """torchvision's stochastic depth when it is the identity (eval mode or ``p == 0``); in training it draws
+    one number per sample for the whole image, so it stays global."""
+    b = _bind_node(("input", "p", "mode", "training"), node)
+    return RowRule(in_height, lambda a, k: a[0]) if not b.get("training", True) or b.get("p") == 0 else None
+
+
+def _axes_move_rule(node: fx.Node, in_height: int) -> RowRule | None:
+    """``permute`` / ``transpose`` (method or function): rows map one to one, to another axis."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return RowRule(in_height, lambda a, k: getattr(a[0], name)(*a[1:], **k))
+    fn = node.target
+    return RowRule(in_height, lambda a, k: fn(*a, **k))  # type: ignore[operator]
+
+
+def _moved_row_dim(node: fx.Node, dim: int) -> int | None:
+    """Where ``permute``/``transpose`` node puts input axis ``dim``; None when ``node`` is neither."""
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or name not in ("permute", "transpose", "swapaxes"):
+        return None
+    if node.op == "call_function" and node.target not in (torch.permute, torch.transpose, torch.swapaxes):
+        return None
+    args = [concrete(a) for a in node.args[1:]]
+    if name == "permute":
+        dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+        dims = [d % 4 for d in dims] if all(isinstance(d, int) for d in dims) else []
+        return dims.index(dim) if sorted(dims) == [0, 1, 2, 3] else None
+    if len(args) != 2 or not all(isinstance(d, int) for d in args):
+        return None
+    a, b = (d % 4 for d in args)
+    return b if dim == a else a if dim == b else dim
+
+
+def _function_rule(node: fx.Node, in_value: Tensor, out_value: Tensor, in_height: int | None = None) -> RowRule | None:
+    fn, in_height = node.target, in_value.shape[2] if in_height is None else in_height
     if fn in (F.conv2d, torch.conv2d):
         return _conv_function(node, in_height)
     if fn in (F.conv_transpose2d, torch.conv_transpose2d):
@@ -493,9 +552,11 @@ def _function_rule(node: fx.Node, in_value: Tensor, out_value: Tensor) -> RowRul
         return None if b.get("training", True) else RowRule(in_height, lambda a, k: a[0])
     if fn is torch.cat:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        return None if dim in (2, -2) else RowRule(in_height, lambda a, k: torch.cat(*a, **k))
+        return None if dim % 4 == row_dim(node) else RowRule(in_height, lambda a, k: torch.cat(*a, **k))
     if fn is operator.getitem:
         return _getitem_rule(node, in_height)
+    if getattr(fn, "__name__", "") == "stochastic_depth" and getattr(fn, "__module__", "").startswith("torchvision"):
+        return _stochastic_depth_rule(node, in_height)
     fn = _INPLACE_TO_OUT.get(fn, fn)  # type: ignore[arg-type]
     if fn in _ACTIVATION_FUNCTIONS:
         return RowRule(in_height, _no_inplace(fn, _ACTIVATION_FUNCTIONS[fn]))
@@ -511,7 +572,7 @@ def _getitem_rule(node: fx.Node, in_height: int) -> RowRule | None:
         index = (index,)
     if any(not isinstance(i, slice) for i in index) or len(index) > 4:
         return None
-    if len(index) >= 3 and index[2] != slice(None):
+    if len(index) > row_dim(node) and index[row_dim(node)] != slice(None):
         return None
     return RowRule(in_height, lambda a, k: a[0][a[1]])
 
@@ -528,34 +589,46 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if isinstance(_val(n), Tensor)]
 
 
+_WINDOW_FUNCTIONS = (F.conv2d, torch.conv2d, F.conv_transpose2d, torch.conv_transpose2d, F.max_pool2d, F.avg_pool2d,
+                     torch._C._nn.avg_pool2d, F.interpolate, F.pad, F.batch_norm)
+
+
 def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:
-    """The row rule of ``node`` (shapes in ``node.meta["val"]``), or None when the node is global."""
+    """The row rule of ``node`` (shapes in ``node.meta["val"]``, row axes in ``["row_dim"]``), or None when the
+    node is global."""
     out_value = _val(node)
     if node.op not in ("call_module", "call_function", "call_method") or not _is_4d(out_value):
         return None
-    out_height = out_value.shape[2]
-    if node.op in ("call_module",) or node.target in (
-        F.conv2d, torch.conv2d, F.conv_transpose2d, torch.conv_transpose2d, F.max_pool2d, F.avg_pool2d,
-        torch._C._nn.avg_pool2d, F.interpolate, F.pad, F.batch_norm,
-    ):
-        first = node.args[0] if node.args else node.kwargs.get("input")
-        if not isinstance(first, fx.Node) or not _is_4d(_val(first)):
+    dim = row_dim(node)
+    out_height = out_value.shape[dim]
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    if node.op == "call_module" or node.target in (*_WINDOW_FUNCTIONS, F.layer_norm, F.linear):
+        if not isinstance(first, fx.Node) or not _is_4d(_val(first)) or row_dim(first) != dim:
             return None
         in_value = _val(first)
         if node.op == "call_module":
-            rule = _module_rule(root.get_submodule(str(node.target)), node, in_value, out_value, batchnorm)
+            rule = _module_rule(root.get_submodule(str(node.target)), node, in_value, out_value, batchnorm, dim)
+        elif node.target in (F.layer_norm, F.linear):
+            rule = _last_axes_function(node, in_value, dim)
         else:
-            rule = _function_rule(node, in_value, out_value)
+            rule = _function_rule(node, in_value, out_value) if dim == 2 else None
         return None if rule is None else NodeRule(rule, frozenset([first]))
-    # elementwise family: every 4D tensor input with the output's height is row-indexed, others broadcast
-    rows = frozenset(n for n in _tensor_inputs(node) if _is_4d(_val(n)) and _val(n).shape[2] == out_height)
+    if isinstance(first, fx.Node) and _is_4d(_val(first)) and _moved_row_dim(node, row_dim(first)) is not None:
+        if _moved_row_dim(node, row_dim(first)) != dim:
+            return None
+        return NodeRule(_axes_move_rule(node, _val(first).shape[row_dim(first)]), frozenset([first]))
+    # elementwise family: every 4-D input with the output's rows is row-indexed; the others must broadcast
+    # along the rows (no axis aligned with the output's row axis, or one of size 1)
+    rows = frozenset(n for n in _tensor_inputs(node)
+                     if _is_4d(_val(n)) and row_dim(n) == dim and _val(n).shape[dim] == out_height)
     if not rows:
         return None
-    if any(isinstance(_val(n), Tensor) and _val(n).dim() >= 2 and n not in rows
-           and _val(n).shape[-2] not in (1, out_height) for n in _tensor_inputs(node)):
-        return None
+    for n in _tensor_inputs(node):
+        aligned = dim - (4 - _val(n).dim())
+        if n not in rows and aligned >= 0 and _val(n).shape[aligned] != 1:
+            return None
     if node.op == "call_method":
         rule = _method_rule(node, out_height)
     else:
-        rule = _function_rule(node, next(iter(rows)).meta["val"], out_value)
+        rule = _function_rule(node, next(iter(rows)).meta["val"], out_value, out_height)
     return None if rule is None else NodeRule(rule, rows)

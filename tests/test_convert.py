@@ -14,6 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_lrcnn import PlanError, TraceError, is_row_centric, restore, row_centric_config, to_row_centric
 from lightning_lrcnn.convert import plan_for
+from lightning_lrcnn.estimate import estimate, estimate_plain
+from lightning_lrcnn.plan import describe
 
 
 def _net() -> nn.Module:
@@ -282,3 +284,27 @@ def test_buffers_untouched_by_planning() -> None:
     to_row_centric(model, mode="2ps", rows=2)
     plan_for(model, torch.randn(2, 3, 16, 16))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_plan_not_below_plain_runs_as_usual_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    """One convolution: bands cannot save anything (its input and output are whole anyway), so it runs plain."""
+    model = to_row_centric(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), mode="overl", rows=8)
+    x = torch.randn(1, 3, 32, 32)
+    plan = plan_for(model, x)
+    assert not plan.segments and "not below the plain model's" in plan.plain_reason
+    assert describe(plan).startswith("runs as usual")
+    with caplog.at_level("WARNING", logger="lightning_lrcnn.convert"):
+        model(x)
+        model(x)
+    said = [r.message for r in caplog.records if "runs as usual" in r.message]
+    assert len(said) == 1 and "estimated peak" in said[0]
+    torch.testing.assert_close(model(x), restore(copy.deepcopy(model))(x))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval_bn", "train_bn"])
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("rows", [1, 2, 64])
+def test_no_plan_is_estimated_above_plain(mode: str, rows: int, train: bool) -> None:
+    model = to_row_centric(torchvision.models.resnet18().train(train), mode=mode, rows=rows)
+    plan = plan_for(model, torch.randn(1, 3, 96, 96))
+    assert plan.plain_reason or estimate(plan).peak_bytes < estimate_plain(plan)

@@ -10,6 +10,8 @@ from torch import nn
 
 from lightning_lrcnn import PlanError, to_row_centric
 
+pytestmark = pytest.mark.usefixtures("banded_anyway")  # rules and geometry at small sizes: see conftest
+
 
 class Writes(nn.Module):
     """Reads tensors after in-place writes into them (in eager they read the written values)."""

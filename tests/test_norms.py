@@ -17,6 +17,8 @@ from lightning_lrcnn.memory import measure
 from lightning_lrcnn.norms import normalize
 from lightning_lrcnn.plan import Plan
 
+pytestmark = pytest.mark.usefixtures("banded_anyway")  # rules and geometry at small sizes: see conftest
+
 NORMS = {
     "group": lambda c: nn.GroupNorm(2, c),
     "instance_affine": lambda c: nn.InstanceNorm2d(c, affine=True),

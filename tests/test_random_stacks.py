@@ -16,6 +16,8 @@ from torch import nn
 from lightning_lrcnn.convert import plan_for
 from lightning_lrcnn.planner import _band
 
+pytestmark = pytest.mark.usefixtures("banded_anyway")  # rules and geometry at small sizes: see conftest
+
 
 def _every_segment_banded(rows: int) -> object:
     """The planner keeps small segments plain (banding them cannot pay off at these sizes): band every segment

@@ -13,6 +13,8 @@ from torch import nn
 from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.convert import plan_for
 
+pytestmark = pytest.mark.usefixtures("banded_anyway")  # rules and geometry at small sizes: see conftest
+
 MODES = ("2ps", "overl")
 
 
