@@ -38,7 +38,7 @@ def image_statistics(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
     repeated per channel and shaped to broadcast over ``x``: ``(N, C, 1, ..., 1)``."""
     x = _as_float32(x)
     n, c = x.shape[:2]
-    var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=2, correction=0)
+    var, mean = _VarMean.apply(x.reshape(n, groups, -1), (2,))
     shape = (n, c) + (1,) * (x.dim() - 2)
     per_channel = c // groups
     return (mean.repeat_interleave(per_channel, 1).reshape(shape),
@@ -52,7 +52,7 @@ def batch_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor
     running statistics (when given) move as in train-mode ``nn.BatchNorm2d``: ``num_batches_tracked`` (when
     given) counts the batch first, and ``momentum=None`` averages cumulatively."""
     x = _as_float32(x)
-    var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+    var, mean = _VarMean.apply(x, (0, *range(2, x.dim())))
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             if num_batches_tracked is not None:
@@ -65,6 +65,28 @@ def batch_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor
             running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return mean.reshape(shape), torch.rsqrt(var + eps).reshape(shape)
+
+
+class _VarMean(torch.autograd.Function):
+    """``torch.var_mean(x, dims, correction=0)`` whose backward makes one tensor of ``x``'s size (the input
+    gradient, built in place) instead of several temporaries."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        var, mean = torch.var_mean(x, dim=list(dims), correction=0)
+        ctx.save_for_backward(x, mean)
+        ctx.dims, ctx.count = dims, x.numel() // max(1, mean.numel())
+        return var, mean
+
+    @staticmethod
+    def backward(ctx: Any, grad_var: Tensor | None, grad_mean: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        shape = [1 if d in ctx.dims else s for d, s in enumerate(x.shape)]
+        grad = (x - mean.reshape(shape)).mul_((2.0 / ctx.count) * grad_var.reshape(shape)) if grad_var is not None \
+            else torch.zeros_like(x)
+        if grad_mean is not None:
+            grad.add_(grad_mean.reshape(shape) / ctx.count)
+        return grad, None
 
 
 def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -93,18 +115,23 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # two tensors of x's size: the input gradient, and (x - mean) * grad for the statistics' gradients
         x, mean, rstd, weight = ctx.saved_tensors
         xf = x.float() if ctx.cast and x.dtype in (torch.float16, torch.bfloat16) else x
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        g = grad if weight is None else grad * weight.reshape(shape)
+        channels = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         need = ctx.needs_input_grad
-        centered = xf - mean if need[2] or need[3] else None
-        dx = (g * rstd).to(x.dtype) if need[0] else None
-        dmean = -(g * rstd).sum_to_size(mean.shape) if need[1] else None
-        drstd = (g * centered).sum_to_size(rstd.shape) if need[2] else None
-        dweight = (grad * centered * rstd).sum_to_size(shape).reshape(weight.shape) if need[3] else None
-        dbias = grad.sum_to_size(shape).reshape(-1) if ctx.has_bias and need[4] else None
-        return dx, dmean, drstd, dweight, dbias
+        scale = rstd if weight is None else rstd * weight.reshape(channels)  # d out / d x, per channel
+        dx = grad * scale if need[0] or need[1] else None
+        dmean = -dx.sum_to_size(mean.shape) if need[1] else None
+        drstd = dweight = None
+        if need[2] or need[3]:
+            per = (xf - mean).mul_(grad).sum_to_size(rstd.shape)  # sum of grad * (x - mean) per statistic
+            if need[2]:
+                drstd = per if weight is None else (per * weight.reshape(channels)).sum_to_size(rstd.shape)
+            if need[3]:
+                dweight = (per * rstd).sum_to_size(channels).reshape(weight.shape)
+        dbias = grad.sum_to_size(channels).reshape(-1) if ctx.has_bias and need[4] else None
+        return None if dx is None or not need[0] else dx.to(x.dtype), dmean, drstd, dweight, dbias
 
 
 def _image_norm(node: fx.Node, root: nn.Module) -> tuple[Any, int, float, Any, Any] | None:
