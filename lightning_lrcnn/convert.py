@@ -17,6 +17,7 @@ from torch import Tensor, fx, nn
 from .errors import PlanError
 from .estimate import estimate, estimate_plain
 from .executor import run_plan
+from .noise import draw_gates_globally
 from .norms import split_image_norms
 from .plan import Plan, describe
 from .planner import MODES, build_plan, plain_plan
@@ -199,6 +200,7 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         if graphs is None:
             with _batchnorm_traced_frozen(module, cfg.batchnorm == "freeze"):
                 gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
+            draw_gates_globally(gm)
             split = split_image_norms(gm, cfg.batchnorm)
             graphs = (gm,) if split is None else (gm, split)
             if "shapes" not in gm.meta:  # a graph for these input shapes only is kept in their plan

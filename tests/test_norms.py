@@ -1,8 +1,9 @@
-"""GroupNorm / InstanceNorm split into image statistics (global) and a row-local normalisation."""
+"""GroupNorm / InstanceNorm and train-mode BatchNorm split into statistics (global) and a row-local normalisation."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -14,10 +15,10 @@ from torch import nn
 from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.convert import plan_for
 from lightning_lrcnn.memory import measure
-from lightning_lrcnn.norms import normalize
+from lightning_lrcnn.norms import batch_statistics, normalize
 from lightning_lrcnn.plan import Plan
 
-pytestmark = pytest.mark.usefixtures("banded_anyway")  # rules and geometry at small sizes: see conftest
+banded_anyway = pytest.mark.usefixtures("banded_anyway")  # small sizes: see conftest
 
 NORMS = {
     "group": lambda c: nn.GroupNorm(2, c),
@@ -58,6 +59,7 @@ def split_preferred(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("lightning_lrcnn.convert.estimate", estimate)
 
 
+@banded_anyway
 @pytest.mark.parametrize("mode", ["2ps", "overl"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("norm", list(NORMS))
@@ -68,6 +70,7 @@ def test_norm_unet_matches(norm: str, train: bool, mode: str, split_preferred: N
     assert split == (norm != "instance_running")  # running statistics: left as the global op it was
 
 
+@banded_anyway
 def test_functional_group_norm_is_split_too(split_preferred: None) -> None:
     converted = assert_equivalent(lambda: NormUNet("group", functional=True), (1, 3, 16, 12), mode="overl", rows=3)
     plan = plan_for(converted, torch.randn(1, 3, 16, 12, dtype=torch.float64))
@@ -87,6 +90,7 @@ def test_split_norms_save_memory() -> None:
     assert any(n.target is normalize for n in plan_for(converted, x).graph.nodes), "the split graph was kept"
 
 
+@banded_anyway
 def test_norms_under_autocast_match_within_bf16_tolerance() -> None:
     torch.manual_seed(0)
     model, x = NormUNet("group").train(), torch.randn(1, 3, 32, 24)
@@ -127,3 +131,92 @@ def test_the_graph_with_the_lower_estimated_peak_is_kept(net: str) -> None:
     assert estimate(plan_for(converted, x)).peak_bytes == min(peaks)
     kept_split = any(n.target is normalize for n in plan_for(converted, x).graph.nodes)
     assert kept_split == (peaks[1] < peaks[0])
+
+
+# --------------------------------------------------------------------------------------------- train-mode BatchNorm
+
+
+def _bn_net(bn: Callable[[int], nn.Module]) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), bn(6), nn.ReLU(inplace=True),
+                                 nn.Conv2d(6, 6, 3, padding=1, bias=False), bn(6), nn.SiLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(6, 4, 3, padding=1), bn(4))
+
+
+BATCHNORMS = {
+    "default": lambda c: nn.BatchNorm2d(c),
+    "cumulative": lambda c: nn.BatchNorm2d(c, momentum=None),  # running statistics: cumulative average
+    "no_running_stats": lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+    "no_affine": lambda c: nn.BatchNorm2d(c, affine=False, momentum=0.3, eps=1e-3),
+}
+
+
+@banded_anyway
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("kind", list(BATCHNORMS))
+def test_train_batchnorm_split_matches_and_moves_buffers_like_plain(kind: str, mode: str) -> None:
+    """Outputs, gradients, running statistics and num_batches_tracked (compared by assert_equivalent) match,
+    over three steps (momentum=None averages over all of them)."""
+    make = _bn_net(BATCHNORMS[kind])
+    converted = assert_equivalent(make, (2, 3, 21, 13), mode=mode, rows=3, train=True)
+    assert any(n.target is batch_statistics for n in plan_for(converted, torch.randn(2, 3, 21, 13,
+                                                                                     dtype=torch.float64)).graph.nodes)
+    plain = make().double().train()
+    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=3)
+    for _ in range(3):
+        x = torch.randn(2, 3, 21, 13, dtype=torch.float64)
+        torch.testing.assert_close(converted(x), plain(x))
+    for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(b, ref, msg=f"buffer {name}")
+
+
+@banded_anyway
+def test_eval_batchnorm_without_running_stats_uses_batch_statistics() -> None:
+    assert_equivalent(_bn_net(BATCHNORMS["no_running_stats"]), (2, 3, 21, 13), mode="overl", rows=3, train=False)
+
+
+@pytest.mark.parametrize("policy", ["freeze", "per_band"])
+def test_other_policies_do_not_split_batchnorm(policy: str) -> None:
+    model = to_row_centric(_bn_net(BATCHNORMS["default"])().train(), mode="2ps", rows=3, batchnorm=policy)
+    plan = plan_for(model, torch.randn(2, 3, 21, 13))
+    assert not any(n.target is batch_statistics for n in plan.graph.nodes)
+
+
+@banded_anyway
+def test_batchnorm1d_3d_and_sync_batchnorm_stay_global_and_exact() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.sync = nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4)
+            self.bn3d, self.conv2 = nn.BatchNorm3d(4), nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1d, self.fc = nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv2(self.bn3d(self.sync(self.conv(x)).unsqueeze(2)).squeeze(2)).relu()
+            return self.fc(self.bn1d(y.mean((2, 3))))
+
+    converted = assert_equivalent(Mixed, (2, 3, 24, 16), mode="2ps", rows=3, train=True)
+    plan = plan_for(converted, torch.randn(2, 3, 24, 16, dtype=torch.float64))
+    banded = {n.name for s in plan.segments for n in s.nodes}
+    assert {"sync", "bn3d", "bn1d"}.isdisjoint(banded)  # SyncBatchNorm whole: its statistics are reduced across ranks
+
+
+def test_train_batchnorm_split_saves_memory_at_size() -> None:
+    """A VGG-style stack with train-mode BatchNorm: banded with split statistics, measured below the plain
+    model (before the split, "exact" cut every region at every BatchNorm and was estimated above it)."""
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        layers: list[nn.Module] = []
+        c = 3
+        for o in (16, 16, 32, 32):
+            layers += [nn.Conv2d(c, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+            c = o
+        return nn.Sequential(*layers, nn.MaxPool2d(2), nn.Conv2d(c, 8, 3, padding=1))
+
+    x = torch.randn(1, 3, 192, 192)
+    plain = make().train()
+    converted = to_row_centric(copy.deepcopy(plain), mode="overl", rows=8)
+    converted(x)  # plan
+    peaks = [measure(lambda m=m: m(x).square().mean().backward()).peak_bytes for m in (plain, converted)]
+    assert not plan_for(converted, x).plain_reason
+    assert peaks[1] < 0.85 * peaks[0], peaks

@@ -1,0 +1,296 @@
+"""Savings on the backbones people train: one training step of each network, plain and row-centric.
+
+For each network (torchvision and timm classifiers, frozen or train-mode BatchNorm, ConvNeXt, U-Nets) it
+measures one training step (``y.pow(2).mean()`` loss, batch 1) of the plain model and of row-centric plans
+(2PS and OverL, 16 bands by default), each network in a fresh process, and records the peak memory and step
+time as ratios to the plain model measured in the same process, the planner's estimate, the largest gradient
+difference, and whether the plan ran plain (and why). Records are appended to ``docs/backbones.jsonl``;
+``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the latest run of each network.
+
+    python scripts/backbones.py                       # every network, 1024x1024 (about 40 min on 2 CPU cores)
+    python scripts/backbones.py --only tv_resnet50_train --size 512
+    python scripts/backbones.py --render              # only rebuild the table and plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+STORE = DOCS / "backbones.jsonl"
+
+
+def _tv(name: str) -> Callable[[], nn.Module]:
+    import torchvision
+
+    return lambda: getattr(torchvision.models, name)(weights=None)
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+
+    return make
+
+
+def _smp_unet() -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet(encoder_name="resnet34", encoder_weights=None, classes=2)
+
+
+def _own_unet() -> nn.Module:
+    from lightning_lrcnn.models import UNet
+
+    return UNet(num_classes=2)
+
+
+# key: (label, builder, BatchNorm: "frozen" = eval statistics via batchnorm="freeze", "train" = exact, "-" = none)
+NETWORKS: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
+    "tv_resnet50": ("torchvision resnet50", _tv("resnet50"), "frozen"),
+    "tv_resnet50_train": ("torchvision resnet50", _tv("resnet50"), "train"),
+    "tv_efficientnet_b0": ("torchvision efficientnet_b0", _tv("efficientnet_b0"), "frozen"),
+    "tv_densenet121": ("torchvision densenet121", _tv("densenet121"), "frozen"),
+    "tv_mobilenet_v3_large": ("torchvision mobilenet_v3_large", _tv("mobilenet_v3_large"), "frozen"),
+    "tv_regnet_y_800mf": ("torchvision regnet_y_800mf", _tv("regnet_y_800mf"), "frozen"),
+    "tv_convnext_tiny": ("torchvision convnext_tiny", _tv("convnext_tiny"), "-"),
+    "timm_convnext_tiny": ("timm convnext_tiny", _timm("convnext_tiny"), "-"),
+    "timm_efficientnet_b0": ("timm efficientnet_b0", _timm("efficientnet_b0"), "frozen"),
+    "timm_efficientnetv2_rw_t": ("timm efficientnetv2_rw_t", _timm("efficientnetv2_rw_t"), "frozen"),
+    "timm_mobilenetv3_large_100": ("timm mobilenetv3_large_100", _timm("mobilenetv3_large_100"), "frozen"),
+    "timm_cspresnet50": ("timm cspresnet50", _timm("cspresnet50"), "frozen"),
+    "timm_regnety_008": ("timm regnety_008", _timm("regnety_008"), "frozen"),
+    "timm_resnet50": ("timm resnet50", _timm("resnet50"), "frozen"),
+    "timm_resnet50_train": ("timm resnet50", _timm("resnet50"), "train"),
+    "smp_unet_resnet34": ("smp Unet (resnet34 encoder)", _smp_unet, "frozen"),
+    "unet_train": ("lightning_lrcnn UNet", _own_unet, "train"),
+}
+
+
+def _loss(out: Any) -> torch.Tensor:
+    t = out if isinstance(out, torch.Tensor) else next(v for v in torch.utils._pytree.tree_flatten(out)[0]
+                                                          if isinstance(v, torch.Tensor))
+    return t.float().pow(2).mean()
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grad_error(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> float:
+    """Largest parameter-gradient difference over the largest plain gradient (of any parameter): fp32 noise in
+    a gradient that is analytically ~0 (a conv bias before train-mode BatchNorm) does not dominate it."""
+    if ref.keys() != got.keys():
+        return math.inf
+    scale = max((float(r.abs().max()) for r in ref.values()), default=1.0) or 1.0
+    return max((float((got[n] - r).abs().max()) for n, r in ref.items()), default=0.0) / scale
+
+
+def measure_network(key: str, size: int, methods: list[str], repeats: int) -> list[dict[str, Any]]:
+    """Plain and every method on one network, in this process; one record per method."""
+    from lightning_lrcnn import to_row_centric
+    from lightning_lrcnn.convert import plan_for
+    from lightning_lrcnn.estimate import estimate, estimate_plain
+    from lightning_lrcnn.memory import measure, time_call
+
+    label, make, bn = NETWORKS[key]
+    torch.manual_seed(0)
+    plain = make().train()
+    if bn == "frozen":
+        for m in plain.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    base = {"key": key, "network": label, "batchnorm": bn, "size": size, "batch": 1}
+    records: list[dict[str, Any]] = []
+    reference: dict[str, torch.Tensor] = {}
+    plain_rec: dict[str, Any] = {}
+    for method in ["plain", *methods]:
+        started = time.perf_counter()
+        rec = {**base, "method": method}
+        try:
+            model = plain if method == "plain" else copy.deepcopy(plain)
+            if method != "plain":
+                mode, rows = method.split(":")
+                to_row_centric(model, mode=mode, rows=int(rows), batchnorm="freeze" if bn == "frozen" else "exact")
+                plan = plan_for(model, x)
+                rec["estimate_bytes"] = estimate(plan).peak_bytes
+                rec["estimate_plain_bytes"] = estimate_plain(plan)
+                rec["ran_plain"] = plan.plain_reason
+
+            def step(model: nn.Module = model) -> None:
+                model.zero_grad(set_to_none=True)
+                _loss(model(x)).backward()
+
+            step()  # warm-up: plans, caches
+            rec["seconds"] = time_call(step, "cpu", repeats)
+            rec["peak_bytes"] = measure(step).peak_bytes
+            grads = _grads(model)
+            if method == "plain":
+                reference, plain_rec = grads, rec
+            rec["grad_error"] = _grad_error(reference, grads)
+            if plain_rec:
+                rec["peak_ratio"] = rec["peak_bytes"] / plain_rec["peak_bytes"]
+                rec["time_ratio"] = rec["seconds"] / plain_rec["seconds"]
+        except Exception as exc:  # a network that cannot run is reported, not fatal
+            rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        rec["wall_s"] = round(time.perf_counter() - started, 1)
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    return records
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of the latest run of each network (a run: one date stamp)."""
+    last: dict[str, str] = {}
+    for r in records:
+        last[r["key"]] = max(last.get(r["key"], ""), r["date"])
+    return [r for r in records if r["date"] == last[r["key"]]]
+
+
+def render(records: list[dict[str, Any]]) -> None:
+    """Rebuild docs/backbones.md and docs/img/backbones.png from the latest run of each network."""
+    rows = _latest(records)
+    if not rows:
+        return
+    methods = sorted({r["method"] for r in rows if r["method"] != "plain"})
+    order = [k for k in NETWORKS if any(r["key"] == k for r in rows)]
+    first = rows[0]
+    lines = ["# Savings on common backbones", "",
+             f"One training step (`y.pow(2).mean()` loss, batch 1, fp32) per network and method, measured by "
+             f"`scripts/bench.py`'s sibling `scripts/backbones.py`, each network in its own process, on "
+             f"{first['device_name']} (torch {first['torch']}). Peak: live tensor bytes of the step; each cell is "
+             "`peak / plain @ time / plain` against the plain model measured in the same process. `plain` means the "
+             "plan was not estimated below the plain model, so the network ran as usual. BatchNorm: `frozen` = "
+             "eval-mode statistics (`batchnorm=\"freeze\"`), `train` = exact train-mode statistics "
+             "(`batchnorm=\"exact\"`, the default). `grad err`: the largest parameter-gradient difference to the plain "
+             "model over its largest gradient (fp32; the tests prove exactness in float64).", "",
+             "| network | BN | size | plain peak | plain step | " + " | ".join(methods) + " | grad err |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(methods) + "---:|"]
+    for key in order:
+        recs = {r["method"]: r for r in rows if r["key"] == key}
+        p = recs.get("plain", {})
+        if "peak_bytes" not in p:
+            lines.append(f"| {NETWORKS[key][0]} | {NETWORKS[key][2]} | — | — | — | " + " | ".join(
+                "—" for _ in methods) + f" | {p.get('error', 'not run')} |")
+            continue
+        cells, err = [], 0.0
+        for m in methods:
+            r = recs.get(m, {})
+            if "peak_ratio" not in r:
+                cells.append(r.get("error", "—")[:40])
+                continue
+            err = max(err, r.get("grad_error", 0.0))
+            cells.append(f"{r['peak_ratio']:.3f} @ {r['time_ratio']:.2f}×" + (" (plain)" if r.get("ran_plain") else ""))
+        lines.append(f"| {p['network']} | {p['batchnorm']} | {p['size']}² | {p['peak_bytes'] / 2**20:.0f} MiB | "
+                     f"{p['seconds']:.1f} s | " + " | ".join(cells) + f" | {err:.1e} |")
+    lines += ["", "Reproduce: `python scripts/backbones.py` (all networks, 1024²) or "
+              "`python scripts/backbones.py --only tv_resnet50_train`.", ""]
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "backbones.md").write_text("\n".join(lines))
+    _plot(rows, order, methods)
+
+
+def _plot(rows: list[dict[str, Any]], order: list[str], methods: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{NETWORKS[k][0]} ({NETWORKS[k][2]} BN)" if NETWORKS[k][2] != "-" else NETWORKS[k][0] for k in order]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.42 * len(order) + 1.6), sharey=True)
+    markers = ["o", "s", "^", "D", "v"]
+    for i, m in enumerate(methods):
+        ys, peaks, times = [], [], []
+        for j, k in enumerate(order):
+            r = next((r for r in rows if r["key"] == k and r["method"] == m and "peak_ratio" in r), None)
+            if r is not None:
+                ys.append(j + (i - (len(methods) - 1) / 2) * 0.18)
+                peaks.append(r["peak_ratio"])
+                times.append(r["time_ratio"])
+        left.scatter(peaks, ys, marker=markers[i % len(markers)], label=m, zorder=3)
+        right.scatter(times, ys, marker=markers[i % len(markers)], label=m, zorder=3)
+    left.axvline(1.0, color="grey", lw=1)
+    left.axvline(0.25, color="grey", lw=1, ls="--")
+    right.axvline(1.0, color="grey", lw=1)
+    right.axvline(1.6, color="grey", lw=1, ls="--")
+    left.set(yticks=range(len(order)), yticklabels=names, xlabel="peak memory / plain (lower is better)", xlim=(0, 1.1))
+    right.set(xlabel="step time / plain")
+    left.invert_yaxis()
+    for ax in (left, right):
+        ax.grid(axis="x", alpha=0.3)
+    left.legend(loc="lower right", fontsize=8)
+    first = rows[0]
+    fig.suptitle(f"One training step at {first['size']}², batch 1 ({first['device_name']}, {first['date'][:10]})")
+    fig.tight_layout()
+    (DOCS / "img").mkdir(parents=True, exist_ok=True)
+    fig.savefig(DOCS / "img" / "backbones.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help=f"comma-separated keys (default all: {', '.join(NETWORKS)})")
+    parser.add_argument("--size", type=int, default=1024, help="image side (default 1024)")
+    parser.add_argument("--methods", default="2ps:16,overl:16", help="comma-separated mode:rows")
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per method (median)")
+    parser.add_argument("--render", action="store_true", help="only rebuild docs from docs/backbones.jsonl")
+    parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    keys = [k.strip() for k in args.only.split(",") if k.strip()] or list(NETWORKS)
+    unknown = [k for k in keys if k not in NETWORKS]
+    if unknown:
+        parser.error(f"unknown --only {unknown}; choose from {list(NETWORKS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args._child:  # one network, records on stdout
+        measure_network(keys[0], args.size, methods, args.repeats)
+        return 0
+    if not args.render:
+        meta = {"device_name": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="minutes")}
+        DOCS.mkdir(exist_ok=True)
+        for key in keys:
+            print(f"[backbones] {key} {args.size}² ...", flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--_child", "--only", key, "--size", str(args.size),
+                                   "--methods", ",".join(methods), "--repeats", str(args.repeats)],
+                                  capture_output=True, text=True)
+            got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 and not got:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                got = [{"key": key, "network": NETWORKS[key][0], "batchnorm": NETWORKS[key][2], "size": args.size,
+                        "method": "plain", "error": f"process failed ({proc.returncode}): {tail[:160]}"}]
+            with STORE.open("a") as f:
+                for rec in got:
+                    f.write(json.dumps({**meta, **rec}) + "\n")
+                    if "peak_ratio" in rec or "error" in rec:
+                        print(f"  {rec['method']:>9}: " + (rec.get("error") or f"{rec['peak_ratio']:.3f} of plain peak @ "
+                              f"{rec['time_ratio']:.2f}x time{' (ran plain)' if rec.get('ran_plain') else ''}"),
+                              flush=True)
+    records = [json.loads(line) for line in STORE.read_text().splitlines() if line.strip()] if STORE.exists() else []
+    render(records)
+    print(f"wrote {DOCS / 'backbones.md'} and {DOCS / 'img' / 'backbones.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
