@@ -257,6 +257,7 @@ def choose_plan(
     """
     device = torch.device(device)
     budget = resolve_budget(memory_budget, device)
+    memory = _device_memory(device)  # a candidate estimated above it is never run (a CPU would swap or be killed)
     convert_kwargs = dict(convert_kwargs or {})
     before = [row_centric_config(t) for t in targets]
     snapshot = _StateSnapshot([*targets, *state_modules])
@@ -266,8 +267,9 @@ def choose_plan(
         snapshot.restore()
         for candidate in candidates:
             est = None if inputs is None else _estimate(targets, inputs, candidate, batchnorm, convert_kwargs)
-            if est is not None and est > ESTIMATE_MARGIN * budget:
-                results.append(CandidateResult(candidate, None, None, False, "skipped: estimate over budget", est))
+            if est is not None and est > min(ESTIMATE_MARGIN * budget, memory):
+                why = "estimate over budget" if est > ESTIMATE_MARGIN * budget else "estimate above the device's memory"
+                results.append(CandidateResult(candidate, None, None, False, f"skipped: {why}", est))
                 log.info("lrcnn probe %s", results[-1].row())
                 continue
             _apply(targets, candidate, batchnorm, convert_kwargs)

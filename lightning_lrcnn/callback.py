@@ -17,8 +17,8 @@ from torch import nn
 
 from .auto import Candidate, Choice, NoPlanFitsError, candidates_for, choose_plan, resolve_budget
 from .convert import cached_plans, restore, to_row_centric
-from .memory import MIB
 from .estimate import estimate, estimate_plain
+from .memory import MIB
 from .rules import BATCHNORM_POLICIES
 
 __all__ = ["RowCentricTraining"]
@@ -261,7 +261,8 @@ class RowCentricTraining(Callback):
             "lrcnn/baseline_estimated": float(estimated),
             "lrcnn/memory_saved_pct": 100.0 * (1.0 - peak / baseline) if baseline == baseline else float("nan"),
             "lrcnn/step_time_ratio": ratio,
-            "lrcnn/rows": float(0 if self.chosen.mode == "column" or (chosen and chosen.ran_plain) else self.chosen.rows),
+            "lrcnn/rows": float(0 if self.chosen.mode == "column" or (chosen and chosen.ran_plain)
+                                else self.chosen.rows),
         }
 
     def _log_choice(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -7,6 +7,7 @@ import inspect
 import logging
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = ["to_row_centric", "restore", "is_row_centric", "row_centric_config", 
 
 log = logging.getLogger(__name__)
 _ATTR = "_lrcnn_state"
+_SAID_PLAIN: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,6 @@ class _State:
     config: RowCentricConfig
     traces: dict[tuple[bool, ...], tuple[fx.GraphModule, ...]] = field(default_factory=dict)
     plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
-    warned: bool = False
 
 
 def _check_config(mode: Any, rows: Any, batchnorm: Any) -> None:
@@ -247,8 +248,9 @@ def _row_centric_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _State = self.__dict__[_ATTR]
     inputs = _bind_inputs(self, args, kwargs)
     plan = _plan(self, state, inputs)
-    if plan.plain_reason and not state.warned:
-        state.warned = True
+    said = _SAID_PLAIN.setdefault(self, set())
+    if plan.plain_reason and plan.plain_reason not in said:  # once per module and reason, across conversions
+        said.add(plan.plain_reason)
         log.warning("%s runs as usual (not row-centric) for input %s: %s", type(self).__name__,
                     tuple(inputs[0].shape), plan.plain_reason)
     try:

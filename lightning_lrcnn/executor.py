@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,7 +24,9 @@ from .plan import Band, Plan, Segment
 from .rules import recomputing, row_dim
 from .trace import fetch_attr
 
-__all__ = ["run_plan"]
+__all__ = ["run_plan", "Progress"]
+
+log = logging.getLogger(__name__)
 
 
 def _rows(t: Tensor, have: RowInterval, want: RowInterval, dim: int) -> Tensor:
@@ -101,15 +105,40 @@ def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> Iterator[list[Ten
         yield [rows(node, r) for node, r in band.inputs]
 
 
+class Progress:
+    """INFO log lines for a long step: which band of which segment runs, forward or backward (recomputation),
+    and the time since the step began. Silent for the first ``AFTER`` seconds, then at most one line every
+    ``EVERY`` seconds, so short steps say nothing."""
+
+    AFTER = 10.0
+    EVERY = 10.0
+
+    def __init__(self, segments: int) -> None:
+        self.segments, self.after, self.every = segments, self.AFTER, self.EVERY
+        self.start = self.last = time.monotonic()
+
+    def band(self, phase: str, segment: int, name: str, band: int, bands: int) -> None:
+        now = time.monotonic()
+        if now - self.start < self.after or now - self.last < self.every:
+            return
+        self.last = now
+        log.info("row-centric step, %s: segment %d/%d (%s), band %d/%d, %.0f s elapsed", phase, segment + 1,
+                 self.segments, name, band + 1, bands, now - self.start)
+
+
 class _BandRunner:
     """Computes one band of a segment: ``(*carry_in, *input_rows) -> (*output_rows, *carry_out)``."""
 
     def __init__(self, segment: Segment, band: Band, env: dict[fx.Node, Any], static: dict[fx.Node, Any],
-                 root: nn.Module) -> None:
+                 root: nn.Module, where: tuple[Progress, int, int]) -> None:
         self.segment, self.band, self.env, self.static, self.root = segment, band, env, static, root
+        self.where = where  # (progress, segment index, band index)
         self.calls = 0
 
     def __call__(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        progress, index, band = self.where
+        progress.band("forward" if self.calls == 0 else "backward", index, self.segment.name, band,
+                      len(self.segment.bands))
         with recomputing(self.calls > 0):
             self.calls += 1
             return self._run(tensors)
@@ -201,15 +230,16 @@ class _BandRunner:
         return lo
 
 
-def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> None:
+def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
+                 progress: Progress, index: int) -> None:
     inside = set(segment.nodes)
     # the values read from outside, captured now: recomputation in backward runs after env has moved on
     outside = {v: env[v] for node in segment.nodes for v in node.all_input_nodes if v not in inside and v in env}
     pieces: dict[fx.Node, list[Tensor]] = {o: [] for o in segment.outputs}
     carries: tuple[Tensor, ...] = ()
     grad = torch.is_grad_enabled()
-    for band, inputs in zip(segment.bands, _band_inputs(segment, outside)):
-        runner = _BandRunner(segment, band, outside, static, root)
+    for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside))):
+        runner = _BandRunner(segment, band, outside, static, root, (progress, index, i))
         if grad and segment.recompute:
             result = checkpoint(runner, *carries, *inputs, use_reentrant=False)
         else:
@@ -249,9 +279,11 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
         if node.op == "get_attr":
             env[node] = fetch_attr(root, str(node.target))
     result = None
+    progress = Progress(len(plan.segments))
+    index = {id(s): i for i, s in enumerate(plan.segments)}
     for step, frees in zip(plan.steps, plan.free_after):
         if isinstance(step, Segment):
-            _run_segment(step, env, plan.static, root)
+            _run_segment(step, env, plan.static, root, progress, index[id(step)])
         elif step.op == "output":
             result = _run_node(step, env, plan.static, root)
         else:

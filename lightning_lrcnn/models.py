@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["vgg16_classifier", "small_vgg", "UNet"]
+__all__ = ["vgg16_classifier", "small_vgg", "UNet", "InputNormalize", "uint8_input"]
 
 
 def vgg16_classifier(num_classes: int) -> nn.Module:
@@ -66,3 +66,31 @@ class UNet(nn.Module):
         for up, merge in zip(self.up, self.merge):
             x = merge(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)
+
+
+class InputNormalize(nn.Module):
+    """``(x / scale - mean) / std`` per channel, from any input dtype (``uint8`` batches of large images).
+
+    As the first layer of a converted backbone it runs band by band: a float copy of the whole input never
+    exists (see :mod:`lightning_lrcnn.large_images`). Defaults: ImageNet mean and std on 0..255 pixels.
+    """
+
+    def __init__(self, mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
+                 scale: float = 255.0) -> None:
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std) or scale <= 0:
+            raise ValueError(f"InputNormalize: mean and std must have one value per channel, std and scale > 0; got "
+                             f"mean={mean}, std={std}, scale={scale}")
+        self.register_buffer("mean", torch.tensor(mean).reshape(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).reshape(-1, 1, 1), persistent=False)
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.mean.dtype
+        return (x.to(dtype) / self.scale - self.mean) / self.std
+
+
+def uint8_input(net: nn.Module, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+                std: tuple[float, ...] = (0.229, 0.224, 0.225)) -> nn.Module:
+    """``net`` taking 0..255 pixels (``uint8`` or float): :class:`InputNormalize` first, then ``net``."""
+    return nn.Sequential(InputNormalize(mean, std), net)

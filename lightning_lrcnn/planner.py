@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
@@ -19,7 +18,7 @@ from .estimate import segments_peak
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
 from .plan import Band, Plan, Segment, row_bytes
-from .rules import NodeRule, _moved_row_dim, concrete, row_dim, rule_for
+from .rules import NodeRule, concrete, moved_row_dim, row_dim, rule_for
 from .trace import fetch_attr
 
 __all__ = ["MODES", "band_count", "build_plan", "plain_plan"]
@@ -54,15 +53,12 @@ def _static_nodes(graph: fx.Graph) -> dict[fx.Node, Any]:
     """Nodes whose value depends only on shapes (``x.shape[-2:]``, ``x.size(2)``...): constants per plan."""
     static: dict[fx.Node, Any] = {}
     for node in graph.nodes:
-        # a node with no recorded value returned None (``torch._assert(x.ndim == 4, ...)`` in timm's norm layers)
-        if node.op not in ("call_function", "call_method") or _has_tensor(node.meta.get("val")):
-            continue
-        if "val" not in node.meta and not node.all_input_nodes:
+        if node.op not in ("call_function", "call_method") or "val" not in node.meta or _has_tensor(node.meta["val"]):
             continue
         shape_query = (node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS) or (
             node.op == "call_method" and node.target in _SHAPE_METHODS)
         if shape_query or all(n in static for n in node.all_input_nodes):
-            static[node] = concrete(node.meta.get("val"))
+            static[node] = concrete(node.meta["val"])
     return static
 
 
@@ -77,7 +73,7 @@ def _set_row_dims(graph: fx.Graph) -> None:
         inputs = [u for u in node.all_input_nodes if _is_4d(u)]
         first = node.args[0] if node.args else None
         if isinstance(first, fx.Node) and _is_4d(first):
-            moved = _moved_row_dim(node, row_dim(first))
+            moved = moved_row_dim(node, row_dim(first))
             if moved is not None:
                 node.meta["row_dim"] = moved
                 continue

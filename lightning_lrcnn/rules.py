@@ -22,7 +22,8 @@ from torch import Tensor, fx, nn
 from .geometry import RowInterval, same_padding, split_padding, transposed_input_rows, window_input_rows
 from .norms import normalize
 
-__all__ = ["RowRule", "NodeRule", "rule_for", "row_dim", "BATCHNORM_POLICIES", "recomputing", "concrete"]
+__all__ = ["RowRule", "NodeRule", "rule_for", "row_dim", "moved_row_dim", "BATCHNORM_POLICIES", "recomputing",
+           "concrete"]
 
 BATCHNORM_POLICIES = ("exact", "freeze", "per_band")
 
@@ -359,7 +360,7 @@ _ELEMENTWISE_FUNCTIONS = {
 }
 _POINTWISE_METHODS = {
     "relu", "sigmoid", "tanh", "add", "sub", "mul", "div", "neg", "clamp", "abs", "exp", "contiguous",
-    "float", "double", "half", "bfloat16", "clone",
+    "float", "double", "half", "bfloat16", "clone", "to", "type_as",
 }
 
 
@@ -385,8 +386,9 @@ def _module_activation(m: nn.Module) -> Call | None:
             fn = lambda x: F.softplus(x, m.beta, m.threshold)  # noqa: E731
         elif isinstance(m, nn.PReLU):
             fn = m
-        elif isinstance(m, (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout)) and not m.training:
-            fn = lambda x: x  # noqa: E731
+        elif isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                            nn.FeatureAlphaDropout)) and (not m.training or m.p == 0):
+            fn = lambda x: x  # noqa: E731  # the identity (train-mode dropout draws over the whole tensor: global)
         else:
             return None
     return lambda args, kwargs: fn(args[0])
@@ -418,9 +420,9 @@ def _module_rule(m: nn.Module, node: fx.Node, in_value: Tensor, out_value: Tenso
     in_height = in_value.shape[dim]
     if len(node.args) != 1 or node.kwargs:
         return None
-    if isinstance(m, nn.LayerNorm) and dim < in_value.dim() - len(m.normalized_shape):
+    if type(m) is nn.LayerNorm and dim < in_value.dim() - len(m.normalized_shape):
         return RowRule(in_height, lambda args, kwargs: m(args[0]))  # over trailing axes the rows are not in
-    if isinstance(m, nn.Linear) and dim < in_value.dim() - 1:
+    if type(m) is nn.Linear and dim < in_value.dim() - 1:
         return RowRule(in_height, lambda args, kwargs: m(args[0]))
     if dim != 2:  # rows in another axis (channels-last): pointwise ops only
         call = _module_activation(m)
@@ -485,7 +487,7 @@ def _axes_move_rule(node: fx.Node, in_height: int) -> RowRule | None:
     return RowRule(in_height, lambda a, k: fn(*a, **k))  # type: ignore[operator]
 
 
-def _moved_row_dim(node: fx.Node, dim: int) -> int | None:
+def moved_row_dim(node: fx.Node, dim: int) -> int | None:
     """Where ``permute``/``transpose`` node puts input axis ``dim``; None when ``node`` is neither."""
     name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op not in ("call_method", "call_function") or name not in ("permute", "transpose", "swapaxes"):
@@ -549,7 +551,8 @@ def _function_rule(node: fx.Node, in_value: Tensor, out_value: Tensor, in_height
         return RowRule(in_height, lambda a, k: F.batch_norm(*a, **k))
     if fn in (F.dropout, F.dropout2d, F.alpha_dropout):
         b = _bind_node(("input", "p", "training", "inplace"), node)
-        return None if b.get("training", True) else RowRule(in_height, lambda a, k: a[0])
+        identity = not b.get("training", True) or b.get("p", 0.5) == 0
+        return RowRule(in_height, lambda a, k: a[0]) if identity else None
     if fn is torch.cat:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         return None if dim % 4 == row_dim(node) else RowRule(in_height, lambda a, k: torch.cat(*a, **k))
@@ -613,8 +616,8 @@ def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:
         else:
             rule = _function_rule(node, in_value, out_value) if dim == 2 else None
         return None if rule is None else NodeRule(rule, frozenset([first]))
-    if isinstance(first, fx.Node) and _is_4d(_val(first)) and _moved_row_dim(node, row_dim(first)) is not None:
-        if _moved_row_dim(node, row_dim(first)) != dim:
+    if isinstance(first, fx.Node) and _is_4d(_val(first)) and moved_row_dim(node, row_dim(first)) is not None:
+        if moved_row_dim(node, row_dim(first)) != dim:
             return None
         return NodeRule(_axes_move_rule(node, _val(first).shape[row_dim(first)]), frozenset([first]))
     # elementwise family: every 4-D input with the output's rows is row-indexed; the others must broadcast

@@ -271,6 +271,9 @@ class _SavedTensorProp(FakeTensorProp):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         result = super().run_node(n)
+        leaves = torch.utils._pytree.tree_flatten(result)[0]
+        if "val" not in n.meta and not any(isinstance(t, Tensor) for t in leaves):
+            n.meta["val"] = result  # dtypes, devices, None (``torch._assert``): FakeTensorProp records none of them
         self.alive.append(result)
         for t in torch.utils._pytree.tree_flatten(result)[0]:
             if isinstance(t, Tensor) and n.op != "placeholder":

@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                 for rec in got:
                     f.write(json.dumps({**meta, **rec}) + "\n")
                     if "peak_ratio" in rec or "error" in rec:
-                        print(f"  {rec['method']:>9}: " + (rec.get("error") or f"{rec['peak_ratio']:.3f} of plain peak @ "
-                              f"{rec['time_ratio']:.2f}x time{' (ran plain)' if rec.get('ran_plain') else ''}"),
-                              flush=True)
+                        said = rec.get("error") or (f"{rec['peak_ratio']:.3f} of plain peak @ {rec['time_ratio']:.2f}x "
+                                                    f"time{' (ran plain)' if rec.get('ran_plain') else ''}")
+                        print(f"  {rec['method']:>9}: {said}", flush=True)
     records = [json.loads(line) for line in STORE.read_text().splitlines() if line.strip()] if STORE.exists() else []
     render(records)
     print(f"wrote {DOCS / 'backbones.md'} and {DOCS / 'img' / 'backbones.png'}")

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_lrcnn import RowCentricError, RowCentricTraining
+from lightning_lrcnn.large_images import LargeImageError
 
 log = logging.getLogger("lightning_lrcnn.train")
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
@@ -78,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_name = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("model", "?")
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.model)
-    check_image_size(module.net, int(cfg.data.image_size), model_name)
+    check_image_size(module.net, int(datamodule.image_size), model_name)
     callback = hydra.utils.instantiate(cfg.lrcnn)
     logger = hydra.utils.instantiate(cfg.logger)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[callback], logger=logger)
@@ -97,7 +98,9 @@ def main(cfg: DictConfig) -> float:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     try:
         metrics = train(cfg)
-    except (FileNotFoundError, ImageSizeError, MisconfigurationException, RowCentricError, ValueError) as exc:
+    except (FileNotFoundError, ImageSizeError, LargeImageError, MisconfigurationException, RowCentricError,
+            ValueError) as exc:
+        # one line; nothing the run wrote (config, logs, checkpoints in its folder) is removed
         log.error("%s: %s", type(exc).__name__, exc)
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

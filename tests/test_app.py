@@ -40,6 +40,8 @@ def _compose(overrides: list[str], tmp_path: Path):  # noqa: ANN202
 def test_every_config_composes_and_instantiates(group: str, tmp_path: Path) -> None:
     for option in _options(group):
         extra = ["data.path=" + str(tmp_path)] if option == "folder" else []
+        if option in ("large_images", "gigapixel_resnet50"):
+            extra = [f"data.path={_large_images(tmp_path / 'large')}", "data.num_classes=2", "data.crop=16"]
         if option == "folder":
             for c in ("a", "b"):
                 (tmp_path / c).mkdir(exist_ok=True)
@@ -67,6 +69,49 @@ def test_every_config_composes_and_instantiates(group: str, tmp_path: Path) -> N
             assert hydra.utils.instantiate(cfg.logger) is not None
         else:
             assert cfg.model is not None
+
+
+def _large_images(root: Path) -> Path:
+    """Two class folders, one 8-bit RGB TIFF (tiled) and one .npy each."""
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(root / c / "slide.tif", rng.integers(0, 256, (96, 80, 3), dtype=np.uint8), tile=(32, 32),
+                         compression="zlib")
+        np.save(root / c / "scene.npy", rng.integers(0, 256, (72, 88, 3), dtype=np.uint8))
+    return root
+
+
+def test_large_images_run_uint8_through_a_normalising_backbone(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _run(["data=large_images", f"data.path={_large_images(tmp_path / 'data')}", "data.num_classes=2",
+                 "data.crop=64", "data.train_size=4", "data.val_size=2", "data.batch_size=2", "model=resnet50_uint8",
+                 "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                 "trainer.enable_checkpointing=false", f"hydra.run.dir={out}", "lrcnn.rows=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "summary.md").is_file()
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d / "missing.tif", "missing.tif: no such file"),
+    (lambda d: (d / "x.tif").write_bytes(b"not a tiff at all") and d / "x.tif", "x.tif: cannot read it"),
+    (lambda d: d, "crop 64 is larger than the image"),
+])
+def test_large_images_bad_input_is_one_clear_line(make, message: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "small.npy", np.zeros((40, 50, 3), np.uint8))
+    path = make(data)
+    proc = _run(["data=large_images", f"data.path={path}", "data.num_classes=1", "data.crop=64",
+                 f"hydra.run.dir={tmp_path / 'bad'}", "trainer.max_steps=1"], tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

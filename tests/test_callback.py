@@ -9,9 +9,10 @@ import os
 
 import lightning.pytorch as pl
 import pytest
-import yaml
 import torch
 import torchvision
+import yaml
+from conftest import RecordOps
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -20,8 +21,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lrcnn import RowCentricTraining, is_row_centric
-
-from conftest import RecordOps
 
 KEYS = {"lrcnn/peak_memory_mib", "lrcnn/baseline_peak_memory_mib", "lrcnn/baseline_estimated",
         "lrcnn/memory_saved_pct", "lrcnn/step_time_ratio", "lrcnn/rows"}
@@ -291,3 +290,20 @@ def test_mixed_precision_trains(tmp_path, precision: str, dtype: torch.dtype) ->
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
     assert cb.metrics()["lrcnn/peak_memory_mib"] > 0
     assert all(r.estimate_bytes is None for r in cb.choice.results)  # no fp32 estimate prunes a mixed step
+
+
+class OneConv(Classifier):
+    """A backbone that bands cannot help: its input and output are whole anyway."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+
+
+def test_a_plan_that_cannot_save_runs_plain_and_logs_rows_zero(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    cb = RowCentricTraining(mode="overl", rows=8)
+    with caplog.at_level("WARNING", logger="lightning_lrcnn.convert"):
+        _fit(tmp_path, OneConv(), [cb], max_steps=2, logger=CSVLogger(tmp_path, name="run"))
+    assert cb.metrics()["lrcnn/rows"] == 0
+    assert "runs as usual" in cb.choice.report()
+    assert sum("runs as usual" in r.message for r in caplog.records) == 1

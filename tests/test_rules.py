@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.convert import plan_for
+from lightning_lrcnn.plan import Segment
 
 pytestmark = pytest.mark.usefixtures("banded_anyway")  # rules and geometry at small sizes: see conftest
 
@@ -305,3 +306,88 @@ def test_batchnorm_policies(mode: str) -> None:
     before = model[1].running_mean.clone()
     model(torch.randn(2, 3, 17, 9, dtype=torch.float64)).sum().backward()
     assert not torch.equal(before, model[1].running_mean)  # per-band statistics still move the running stats
+
+
+# --------------------------------------------------------------------------------------------- norm+act, channels-last
+
+
+class NormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: an ``_assert`` on the input, ``F.batch_norm`` called as a function, then
+    an activation (traced through, not a leaf)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training or self.running_mean is None, 0.1 if self.momentum is None else self.momentum,
+                         self.eps)
+        return F.silu(x)
+
+
+def _norm_act_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), NormAct(6), nn.Conv2d(6, 6, 3, padding=1), NormAct(6),
+                         nn.MaxPool2d(2), nn.Conv2d(6, 4, 3, padding=1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("policy", ["eval", "freeze", "exact"])
+def test_functional_batchnorm_is_row_local_wherever_called(policy: str, mode: str) -> None:
+    """Eval mode and ``freeze``: the whole stack runs in bands (the assert and the functional call cut
+    nothing); ``exact`` in train mode splits it like nn.BatchNorm2d. Buffers match the plain model's."""
+    train = policy != "eval"
+    converted = assert_equivalent(_norm_act_net, (2, 3, 24, 17), mode=mode, rows=3, train=train,
+                                  batchnorm="exact" if policy == "eval" else policy)
+    plan = plan_for(converted, torch.randn(2, 3, 24, 17, dtype=torch.float64))
+    if policy != "exact":  # no global step but the output
+        assert [s.op for s in plan.steps if not isinstance(s, Segment)] == ["output"]
+        assert len(plan.segments[0].bands) > 1
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, permute to channels-last, LayerNorm, Linear, GELU, Linear, layer scale, permute back, a
+    residual; then a LayerNorm2d (permute, F.layer_norm, permute) as in ConvNeXt's downsampling."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c))
+        self.ln2d = nn.Parameter(torch.rand(c))
+        self.down = nn.Conv2d(c, c, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y)))) * self.gamma
+        x = x + y.permute(0, 3, 1, 2)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.ln2d).permute(0, 3, 1, 2)
+        return self.down(x.contiguous())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows", [2, 5])
+def test_channels_last_blocks_run_in_bands(mode: str, rows: int) -> None:
+    converted = assert_equivalent(ConvNeXtBlock, (2, 3, 26, 19), mode=mode, rows=rows, train=True)
+    plan = plan_for(converted, torch.randn(2, 3, 26, 19, dtype=torch.float64))
+    banded = {n.name for s in plan.segments if len(s.bands) > 1 for n in s.nodes}
+    assert {"norm", "fc1", "gelu", "fc2", "layer_norm"} <= banded, banded
+
+
+def test_norms_over_the_rows_stay_global_and_exact() -> None:
+    """LayerNorm over (H, W), a LayerNorm whose last axes hold the rows, and a mean over H are global."""
+
+    class OverRows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.ln = nn.LayerNorm([24, 17])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.ln(self.conv1(x))  # normalises over H and W
+            z = F.layer_norm(y.permute(0, 3, 1, 2), (4, 24))  # rows in the last two axes
+            return self.conv2(z.permute(0, 2, 3, 1) - y.mean(2, keepdim=True))
+
+    converted = assert_equivalent(OverRows, (2, 3, 24, 17), mode="2ps", rows=3, train=True)
+    plan = plan_for(converted, torch.randn(2, 3, 24, 17, dtype=torch.float64))
+    banded = {n.name for s in plan.segments for n in s.nodes}
+    assert {"ln", "layer_norm", "mean"}.isdisjoint(banded), banded

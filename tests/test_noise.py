@@ -1,0 +1,62 @@
+"""Stochastic depth / drop path: the per-sample gate is drawn as its own global step, the multiply is banded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_equivalent
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from lightning_lrcnn.convert import plan_for
+from lightning_lrcnn.noise import stochastic_depth_gate
+
+pytestmark = pytest.mark.usefixtures("banded_anyway")  # small sizes: see conftest
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """timm's drop_path: the gate is made with ``x.new_empty`` and written in place."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1 - p
+    gate = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    gate.div_(keep)
+    return x * gate
+
+
+class Residual(nn.Module):
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.stem, self.conv = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.sd = StochasticDepth(0.4, "row")
+        self.out = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.conv(x).relu()
+        y = self.sd(y) if self.style == "torchvision" else drop_path(y, 0.4, self.training)
+        return self.out(x + y)
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("style", ["torchvision", "timm"])
+def test_gates_match_and_the_multiply_is_banded(style: str, train: bool, mode: str) -> None:
+    converted = assert_equivalent(lambda: Residual(style), (4, 3, 23, 15), mode=mode, rows=3, train=train)
+    plan = plan_for(converted, torch.randn(4, 3, 23, 15, dtype=torch.float64))
+    steps = [s.name for s in plan.steps if not hasattr(s, "bands")]
+    banded = {n.name for s in plan.segments for n in s.nodes}
+    assert "out" in banded and "conv" in banded
+    if train:  # one global draw of a (N, 1, 1, 1) gate, nothing else global
+        gates = [n for n in plan.graph.nodes if n.op == "call_function" and n.target in (
+            stochastic_depth_gate, torch.empty)]
+        assert len(gates) == 1 and tuple(gates[0].meta["val"].shape) == (4, 1, 1, 1)
+        assert all(name not in banded for name in steps)
+
+
+def test_gate_errors_like_torchvision() -> None:
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        stochastic_depth_gate(torch.Size([2, 3, 4, 4]), 1.5, "row", torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="'batch' or 'row'"):
+        stochastic_depth_gate(torch.Size([2, 3, 4, 4]), 0.5, "col", torch.float32, torch.device("cpu"))
