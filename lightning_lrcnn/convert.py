@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
-from .estimate import estimate, estimate_plain
+from .estimate import breakdown, estimate, estimate_plain
 from .executor import run_plan
 from .noise import draw_gates_globally
 from .norms import split_image_norms
@@ -213,7 +213,8 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         plan = min(plans, key=lambda p: estimate(p).peak_bytes)
         plan = _never_worse(plan, plans[0])
         state.plans[key] = plan
-        log.info("row-centric plan for %s %s:\n%s", type(module).__name__, tuple(inputs[0].shape), describe(plan))
+        log.info("row-centric plan for %s %s:\n%s\n%s", type(module).__name__, tuple(inputs[0].shape),
+                 describe(plan), breakdown(plan))
     return plan
 
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .plan import Band, Plan, Segment, row_bytes
+from .plan import Band, Plan, Segment, Streamed, row_bytes
 from .rules import row_dim
 
-__all__ = ["Estimate", "estimate", "estimate_plain", "segment_peaks", "segments_peak"]
+__all__ = ["Estimate", "Breakdown", "estimate", "breakdown", "estimate_plain", "segment_peaks", "segments_peak"]
 
 
 @dataclass(frozen=True)
@@ -42,34 +42,85 @@ class _Cost:
     forward: int  # transient on top of everything held, while the step runs forward
     backward: int  # transient on top of everything held and the gradients made so far, in its backward
     grads: int  # parameter gradients the step's backward creates
+    band: int = 0  # of ``backward``: one recomputed band with its gradients (a segment; 0 for a node)
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Where the estimated peak goes, at the moment it is reached (bytes; ``input`` exists before the step and
+    is not part of the peak)."""
+
+    peak: int
+    phase: str  # "forward" or "backward"
+    step: str  # the step running at the peak
+    param_grads: int  # parameter gradients made so far
+    held: int  # segment outputs, 2PS boundary rows and saved tensors of plain steps, kept for backward
+    band: int  # the live band (recomputed, with its gradients); 0 when a plain step is at the peak
+    in_flight: int  # the running step's other transients: its output (forward) or the gradients flowing (backward)
+    input: int
+
+    def __str__(self) -> str:
+        mib = 2.0**20
+        return (f"estimated peak {self.peak / mib:.1f} MiB ({self.phase}, {self.step}): parameter gradients "
+                f"{self.param_grads / mib:.1f}, held outputs and boundary rows {self.held / mib:.1f}, live band "
+                f"{self.band / mib:.1f}, gradients and values in flight {self.in_flight / mib:.1f} MiB; the input "
+                f"({self.input / mib:.1f} MiB) is not counted")
 
 
 def estimate(plan: Plan) -> Estimate:
     """Estimated peak of one training step (forward and backward) of ``plan`` and its recompute cost."""
-    return Estimate(max((p for _, p in segment_peaks(plan)), default=0), _extra_compute(plan.segments))
+    return Estimate(max((p for _, p in segment_peaks(plan)), default=0), _extra_compute(plan))
 
 
 def segment_peaks(plan: Plan) -> list[tuple[Segment | fx.Node, int]]:
     """Per step (a recomputed segment, or a node of the plan run as usual): the highest estimated memory while
     it runs forward or backward. The largest is the step's peak."""
+    steps, costs = _costs(plan)
+    return list(zip(steps, _step_peaks(costs)))
+
+
+def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]:
+    """The plan's steps as costed units (a kept segment: its nodes) and their costs."""
     captured = {u for s in plan.segments if s.recompute for v in s.nodes for u in v.all_input_nodes}
-    steps: list[Segment | fx.Node] = []
+    captured |= {u for s in plan.steps if isinstance(s, Streamed) for v in s.prefix.nodes for u in v.all_input_nodes}
+    steps: list[Segment | Streamed | fx.Node] = []
     costs: list[_Cost] = []
     for step in plan.steps:
         if isinstance(step, Segment) and step.recompute:
             steps.append(step)
             costs.append(_segment_cost(step, plan.param_grads, captured))
+        elif isinstance(step, Streamed):
+            steps.append(step)
+            costs.append(_segment_cost(step.prefix, plan.param_grads, captured, streamed=True))
         else:
             for v in step.nodes if isinstance(step, Segment) else [step]:
                 steps.append(v)
                 costs.append(_node_cost(v, plan, captured))
-    return list(zip(steps, _step_peaks(costs)))
+    return steps, costs
+
+
+def breakdown(plan: Plan) -> Breakdown:
+    """The estimated peak of ``plan`` split into its parts (see :class:`Breakdown`)."""
+    steps = [(s.name, c) for s, c in zip(*_costs(plan))]
+    best = Breakdown(0, "forward", "-", 0, 0, 0, 0, 0)
+    held = 0
+    for name, c in steps:
+        if held + c.forward > best.peak:
+            best = Breakdown(held + c.forward, "forward", name, 0, held, 0, c.forward, 0)
+        held += c.held
+    grads = 0
+    for name, c in reversed(steps):
+        grads += c.grads
+        if held + grads + c.backward > best.peak:
+            best = Breakdown(held + grads + c.backward, "backward", name, grads, held, c.band, c.backward - c.band, 0)
+        held -= c.held
+    inputs = sum(_bytes(v) for v in plan.graph.nodes if v.op == "placeholder")
+    return Breakdown(**{**best.__dict__, "input": inputs})
 
 
 def estimate_plain(plan: Plan) -> int:
     """Estimated peak of the same step run as usual (every node on full tensors, nothing recomputed)."""
-    nodes = [v for step in plan.steps for v in (step.nodes if isinstance(step, Segment) else [step])]
-    return _peak([_node_cost(v, plan, set()) for v in nodes])
+    return _peak([_node_cost(v, plan, set()) for v in plan.graph_nodes()])
 
 
 def segments_peak(segments: Sequence[Segment], param_grads: dict[fx.Node, int]) -> int:
@@ -123,9 +174,12 @@ def _band_rows(band: Band, node: fx.Node) -> int:
     return len(band.rows[node])
 
 
-def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: set[fx.Node]) -> _Cost:
-    outputs = sum(_bytes(o) for o in segment.outputs)
-    held_outputs = sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
+def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: set[fx.Node],
+                  streamed: bool = False) -> _Cost:
+    """A recomputed segment's cost; ``streamed``: the prefix of streamed statistics (its output is never
+    materialised, only reduced band by band; its parameter gradients are counted where the prefix runs again)."""
+    outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs)
+    held_outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
     held = held_outputs + sum(row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)
     inside = set(segment.nodes)
     row_inputs = {u for b in segment.bands for u, _ in b.inputs if u.op != "placeholder"}
@@ -139,7 +193,7 @@ def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: s
         band_fwd = max(band_fwd, max((c.forward for c in costs), default=0))
         rows_in = sum(row_bytes(u) * len(rows) for u, rows in band.inputs if u in row_inputs)
         band_bwd = max(band_bwd, rows_in + _peak(costs))
-    grads = sum(param_grads.get(v, 0) for v in segment.nodes)
+    grads = 0 if streamed else sum(param_grads.get(v, 0) for v in segment.nodes)
     # from the second band on, a weight gradient is made and summed out of place into the one before
     accumulate = 2 * max((param_grads.get(v, 0) for v in segment.nodes), default=0) if len(segment.bands) > 1 else 0
     # forward: the output pieces, then their concatenation. Backward: the output gradient, the input gradients
@@ -147,7 +201,7 @@ def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: s
     # outputs themselves died with the backward of the steps that read them.
     forward = outputs + max(band_fwd, outputs if len(segment.bands) > 1 else 0)
     backward = outputs + input_grads + band_bwd + accumulate - held_outputs
-    return _Cost(held, forward, backward, grads)
+    return _Cost(held, forward, backward, grads, band_bwd)
 
 
 def _band_costs(segment: Segment, band: Band, inside: set[fx.Node]) -> list[_Cost]:
@@ -165,10 +219,14 @@ def _band_costs(segment: Segment, band: Band, inside: set[fx.Node]) -> list[_Cos
     return costs
 
 
-def _extra_compute(segments: Sequence[Segment]) -> float:
+def _extra_compute(plan: Plan) -> float:
+    """Activation bytes computed in forward (bands with their halos, and the passes of streamed statistics, which
+    run their prefix again in backward) over the plain model's."""
     work = once = 0.0
-    for s in segments:
-        if s.recompute:
+    for s in plan.steps:
+        if isinstance(s, Segment) and s.recompute:
             once += sum(_bytes(v) for v in s.nodes)
             work += sum(row_bytes(v) * _band_rows(b, v) for b in s.bands for v in s.nodes)
+        elif isinstance(s, Streamed):
+            work += 2 * sum(row_bytes(v) * _band_rows(b, v) for b in s.prefix.bands for v in s.prefix.nodes)
     return work / max(once, 1.0)

@@ -20,7 +20,8 @@ from torch import Tensor, fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
-from .plan import Band, Plan, Segment
+from .norms import update_running_statistics
+from .plan import Band, Plan, Segment, Streamed
 from .rules import recomputing, row_dim
 from .trace import fetch_attr
 
@@ -252,6 +253,126 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
         env[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=row_dim(node))
 
 
+class _StreamedStatistics(torch.autograd.Function):
+    """Train-mode BatchNorm statistics of ``run.prefix``'s output, accumulated band by band (see
+    :class:`~lightning_lrcnn.plan.Streamed`); ``tensors`` are what the prefix reads, so autograd hands their
+    gradients back. Backward recomputes each band with autograd on and backpropagates that band's share of the
+    statistics' gradient, one band at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _PrefixRun, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        count, mean, var = run.statistics()
+        run.update_running(count, mean, var)
+        rstd = torch.rsqrt(var + run.eps)
+        ctx.run, ctx.count = run, count
+        ctx.save_for_backward(mean, rstd)
+        shape = (1, -1, 1, 1)
+        return mean.reshape(shape), rstd.reshape(shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_rstd: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mean, rstd = ctx.saved_tensors
+        shape = (1, -1, 1, 1)
+        g_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.reshape(-1)
+        g_var = torch.zeros_like(rstd) if grad_rstd is None else grad_rstd.reshape(-1) * -0.5 * rstd**3
+        def grad_of(x: Tensor) -> Tensor:  # d statistics / d x: (g_mean + 2 (x - mean) g_var) / count, in place
+            d = x.detach() - mean.reshape(shape)
+            return d.mul_(2 * g_var.reshape(shape)).add_(g_mean.reshape(shape)).div_(ctx.count)
+
+        return (None, *ctx.run.backward(grad_of))
+
+
+class _PrefixRun:
+    """What streamed statistics need of their prefix: its bands, what it reads, the BatchNorm's buffers."""
+
+    def __init__(self, step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
+                 progress: Progress, index: int) -> None:
+        self.prefix, self.static, self.root, self.where = step.prefix, static, root, (progress, index)
+        inside = set(self.prefix.nodes)
+        self.outside = {v: env[v] for node in self.prefix.nodes for v in node.all_input_nodes
+                        if v not in inside and v in env}
+        self.tensor_nodes = [v for v, t in self.outside.items() if isinstance(t, Tensor)]
+        modules = [root.get_submodule(str(v.target)) for v in self.prefix.nodes if v.op == "call_module"]
+        self.params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
+
+        def load(v: Any) -> Any:
+            return static[v] if v in static else env[v]
+
+        args = fx.node.map_arg(step.stats.args[1:], load)
+        self.running_mean, self.running_var, self.tracked, self.momentum, self.eps = args
+
+    def inputs(self) -> list[Tensor]:
+        return [*(self.outside[v] for v in self.tensor_nodes), *self.params]
+
+    def _band(self, i: int, env: dict[fx.Node, Any], grad: bool) -> tuple[Tensor, list[Tensor]]:
+        band = self.prefix.bands[i]
+        rows = [env[v].narrow(row_dim(v), r.start, len(r)) for v, r in band.inputs]
+        if grad:
+            rows = [r.detach().requires_grad_(r.requires_grad) for r in rows]
+        progress, index = self.where
+        runner = _BandRunner(self.prefix, band, env, self.static, self.root, (progress, index, i))
+        runner.calls = 1 if grad else 0  # shown as backward in the progress lines
+        return runner(*rows)[0], rows
+
+    def statistics(self) -> tuple[int, Tensor, Tensor]:
+        """Count, mean and biased variance per channel, merged band by band (Chan et al.'s pairwise update)."""
+        count, mean, m2 = 0, None, None
+        with torch.no_grad():
+            for i in range(len(self.prefix.bands)):
+                x, _ = self._band(i, self.outside, grad=False)
+                n = x.numel() // x.shape[1]
+                if n == 0:
+                    continue
+                var_b, mean_b = (t.double() for t in torch.var_mean(x, dim=(0, 2, 3), correction=0))
+                if mean is None:
+                    count, mean, m2 = n, mean_b, var_b * n
+                    continue
+                delta = mean_b - mean
+                mean = mean + delta * (n / (count + n))
+                m2 = m2 + var_b * n + delta**2 * (count * n / (count + n))
+                count += n
+        dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+        return count, mean.to(dtype), (m2 / count).to(dtype)
+
+    def update_running(self, count: int, mean: Tensor, var: Tensor) -> None:
+        """Running statistics as ``nn.BatchNorm2d`` moves them (see :func:`lightning_lrcnn.norms.batch_statistics`)."""
+        update_running_statistics(self.running_mean, self.running_var, self.tracked, self.momentum, mean, var, count)
+
+    def backward(self, grad_of: Any) -> list[Tensor | None]:
+        """Gradients of :meth:`inputs` for the statistics' gradient ``grad_of(x)`` of the prefix output ``x``."""
+        with torch.enable_grad():
+            leaves = {v: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
+                      for v, t in self.outside.items()}
+            sums: list[Tensor | None] = [None] * (len(self.tensor_nodes) + len(self.params))
+            for i, band in enumerate(self.prefix.bands):
+                x, rows = self._band(i, leaves, grad=True)
+                wanted = [*rows, *(leaves[v] for v in self.tensor_nodes), *self.params]
+                needs = [t for t in wanted if t.requires_grad]
+                if not needs:
+                    continue
+                got = iter(torch.autograd.grad(x, needs, grad_of(x), allow_unused=True))
+                grads = [next(got) if t.requires_grad else None for t in wanted]
+                row_grads, rest = grads[: len(rows)], grads[len(rows):]
+                for (v, r), g in zip(band.inputs, row_grads):  # a band's rows into the whole input's gradient
+                    if g is not None:
+                        k = self.tensor_nodes.index(v)
+                        if sums[k] is None:
+                            sums[k] = torch.zeros_like(self.outside[v])
+                        sums[k].narrow(row_dim(v), r.start, len(r)).add_(g)
+                for k, g in enumerate(rest):
+                    if g is not None:
+                        sums[k] = g if sums[k] is None else sums[k].add_(g)
+                del x, rows, grads, row_grads, rest
+        return sums
+
+
+def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
+                  progress: Progress, index: int) -> None:
+    run = _PrefixRun(step, env, static, root, progress, index)
+    mean, rstd = _StreamedStatistics.apply(run, *run.inputs())
+    env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)
+
+
 def _run_node(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> Any:
     def load(v: fx.Node) -> Any:
         return static[v] if v in static else env[v]
@@ -279,11 +400,14 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
         if node.op == "get_attr":
             env[node] = fetch_attr(root, str(node.target))
     result = None
-    progress = Progress(len(plan.segments))
-    index = {id(s): i for i, s in enumerate(plan.segments)}
+    banded = [s for s in plan.steps if isinstance(s, (Segment, Streamed))]
+    progress = Progress(len(banded))
+    index = {id(s): i for i, s in enumerate(banded)}
     for step, frees in zip(plan.steps, plan.free_after):
         if isinstance(step, Segment):
             _run_segment(step, env, plan.static, root, progress, index[id(step)])
+        elif isinstance(step, Streamed):
+            _run_streamed(step, env, plan.static, root, progress, index[id(step)])
         elif step.op == "output":
             result = _run_node(step, env, plan.static, root)
         else:

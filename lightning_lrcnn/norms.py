@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["split_image_norms", "image_statistics", "batch_statistics", "normalize"]
+__all__ = ["split_image_norms", "image_statistics", "batch_statistics", "normalize", "update_running_statistics"]
 
 
 def _as_float32(x: Tensor) -> Tensor:
@@ -53,18 +53,28 @@ def batch_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor
     given) counts the batch first, and ``momentum=None`` averages cumulatively."""
     x = _as_float32(x)
     var, mean = _VarMean.apply(x, (0, *range(2, x.dim())))
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            factor = 1.0 / float(num_batches_tracked) if momentum is None and num_batches_tracked is not None \
-                else (0.0 if momentum is None else float(momentum))
-            n = x.numel() // x.shape[1]
-            unbiased = var * (n / max(n - 1, 1))
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    update_running_statistics(running_mean, running_var, num_batches_tracked, momentum, mean, var,
+                              x.numel() // x.shape[1])
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return mean.reshape(shape), torch.rsqrt(var + eps).reshape(shape)
+
+
+def update_running_statistics(running_mean: Tensor | None, running_var: Tensor | None,
+                              num_batches_tracked: Tensor | None, momentum: float | None, mean: Tensor, var: Tensor,
+                              count: int) -> None:
+    """Move running statistics as train-mode ``nn.BatchNorm2d`` does, from a batch's per-channel ``mean`` and
+    biased ``var`` over ``count`` values: ``num_batches_tracked`` (when given) counts the batch first,
+    ``momentum=None`` averages cumulatively, the running variance is unbiased."""
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = 1.0 / float(num_batches_tracked) if momentum is None and num_batches_tracked is not None \
+            else (0.0 if momentum is None else float(momentum))
+        unbiased = var.detach() * (count / max(count - 1, 1))
+        running_mean.mul_(1 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
 
 class _VarMean(torch.autograd.Function):

@@ -14,7 +14,8 @@ from torch import fx
 from .geometry import RowInterval
 from .rules import NodeRule, row_dim
 
-__all__ = ["Band", "Segment", "Plan", "describe", "row_bytes"]
+__all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "describe", "row_bytes", "step_nodes", "step_reads",
+           "step_outputs"]
 
 
 @dataclass
@@ -47,10 +48,32 @@ class Segment:
 
 
 @dataclass
+class Streamed:
+    """Train-mode BatchNorm statistics accumulated band by band: ``prefix`` recomputes the statistics' input
+    from materialised values (its one output), so that input is never kept whole; its backward recomputes
+    the bands again. Sets ``outputs`` (the statistics' mean and ``rsqrt(var + eps)``)."""
+
+    stats: fx.Node  # the batch_statistics node
+    outputs: list[fx.Node]  # its getitem readers: mean, rstd
+    prefix: Segment  # OverL bands whose one output is ``stats``' input
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [self.stats, *self.outputs]
+
+    @property
+    def name(self) -> str:
+        return f"{self.stats.name} (streamed over {self.prefix.name})"
+
+
+Step = fx.Node | Segment | Streamed
+
+
+@dataclass
 class Plan:
     """Executable plan for one input shape: steps in order, static values and when env entries die."""
 
-    steps: list[fx.Node | Segment]
+    steps: list[Step]
     static: dict[fx.Node, Any]
     free_after: list[list[fx.Node]]
     graph: fx.Graph
@@ -60,6 +83,29 @@ class Plan:
     @property
     def segments(self) -> list[Segment]:
         return [s for s in self.steps if isinstance(s, Segment)]
+
+    def graph_nodes(self) -> list[fx.Node]:
+        """Every graph node some step runs, once each, in graph order (what the plain model runs)."""
+        order = {v: i for i, v in enumerate(self.graph.nodes)}
+        seen = {v: None for step in self.steps for v in step_nodes(step)}
+        return sorted(seen, key=order.__getitem__)
+
+
+def step_nodes(step: Step) -> list[fx.Node]:
+    """The graph nodes a step computes (a streamed step: its statistics; its prefix's nodes run again later)."""
+    return [step] if isinstance(step, fx.Node) else step.nodes
+
+
+def step_reads(step: Step) -> list[fx.Node]:
+    """The values a step reads from before it (its nodes' inputs made outside it)."""
+    nodes = [*step.prefix.nodes, *step.nodes] if isinstance(step, Streamed) else step_nodes(step)
+    inside = set(nodes)
+    return list({u: None for v in nodes for u in v.all_input_nodes if u not in inside})
+
+
+def step_outputs(step: Step) -> list[fx.Node]:
+    """The values a step leaves for later steps."""
+    return [step] if isinstance(step, fx.Node) else step.outputs
 
 
 def row_bytes(node: fx.Node) -> int:
@@ -73,8 +119,11 @@ def describe(plan: Plan) -> str:
     if plan.plain_reason:
         return f"runs as usual: {plan.plain_reason}"
     lines = []
-    for s in plan.segments:
-        how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"
-        lines.append(f"segment {s.name}: {len(s.nodes)} nodes, {how}, overlap {s.overlap:.2f}")
+    for s in plan.steps:
+        if isinstance(s, Segment):
+            how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"
+            lines.append(f"segment {s.name}: {len(s.nodes)} nodes, {how}, overlap {s.overlap:.2f}")
+        elif isinstance(s, Streamed):
+            lines.append(f"statistics {s.name}: {len(s.prefix.bands)} bands")
     return "\n".join(lines) if lines else "no row-local region"
 

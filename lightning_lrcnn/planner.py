@@ -7,6 +7,7 @@ Data flows trace -> plan -> execute. A plan (:mod:`lightning_lrcnn.plan`) is a l
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,10 +15,11 @@ from torch import Tensor, fx, nn
 
 from .errors import PlanError
 from .estimate import segment_peaks as estimate_segment_peaks
-from .estimate import segments_peak
+from .estimate import estimate, segments_peak
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
-from .plan import Band, Plan, Segment, row_bytes
+from .norms import batch_statistics
+from .plan import Band, Plan, Segment, Step, Streamed, row_bytes, step_outputs, step_reads
 from .rules import NodeRule, concrete, moved_row_dim, row_dim, rule_for
 from .trace import fetch_attr
 
@@ -479,7 +481,7 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     static = _static_nodes(graph)
     rules = _row_local_rules(graph, root, batchnorm, static)
     _sink_row_local_nodes(graph, rules)
-    steps: list[fx.Node | Segment] = []
+    steps: list[Step] = []
     region_of: dict[fx.Node, list[Segment]] = {}
     param_grads = _param_grads(graph, root)
     regions = _regions(graph, rules, static)
@@ -495,14 +497,89 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
             steps.append(node)
     plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
     _relieve_peak(plan)
+    _stream_statistics(plan)
     return plan
+
+
+# --------------------------------------------------------------------------------------------- streamed statistics
+
+
+def _stream_statistics(plan: Plan) -> None:
+    """Stream each train-mode BatchNorm's statistics (:class:`Streamed`) where that lowers the estimated peak.
+
+    # NOTE [ Streamed statistics ]
+    # Materialised, a BatchNorm's statistics keep their input (a convolution output) whole until backward.
+    # Streamed, they are accumulated band by band from a *prefix*: the nodes of the segment before them that
+    # compute that input from materialised values; the segment after them then starts with the prefix too, so
+    # it recomputes the input's rows itself. Chained BatchNorms make ever longer prefixes (more recomputation,
+    # less memory): each is kept only where the estimate says the step's peak drops.
+    """
+    for stats in [s for s in plan.steps if isinstance(s, fx.Node) and s.target is batch_statistics]:
+        trial = _streamed(plan, stats)
+        if trial is not None and estimate(trial).peak_bytes < estimate(plan).peak_bytes:
+            plan.steps, plan.free_after = trial.steps, trial.free_after
+
+
+def _ancestors(nodes: list[fx.Node], of: fx.Node, stop: frozenset[fx.Node] = frozenset()) -> list[fx.Node]:
+    """The nodes of ``nodes`` that ``of`` depends on (``of`` included), in order, not looking past ``stop``
+    (values materialised anyway: read, not recomputed)."""
+    inside, need = set(nodes), {of}
+    for v in reversed(nodes):
+        if v in need and v not in stop:
+            need.update(u for u in v.all_input_nodes if u in inside)
+    return [v for v in nodes if v in need and v not in stop]
+
+
+def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
+    """``plan`` with ``stats`` streamed over the segment that makes its input, or None where that does not
+    apply: the input comes from a recomputed segment and is read only by the statistics and by the segment
+    that normalises with them."""
+    x, readers = stats.args[0], list(stats.users)
+    steps = plan.steps
+    owner = {id(v): s for s in steps if isinstance(s, Segment) for v in s.nodes}
+    seg_a = owner.get(id(x))
+    users = [u for r in readers for u in r.users]
+    if (seg_a is None or not readers or not users
+            or any(r.op != "call_function" or r.target is not operator.getitem for r in readers)):
+        return None
+    seg_b = owner.get(id(users[0]))
+    if seg_b is None or seg_b is seg_a or not seg_b.recompute or any(owner.get(id(u)) is not seg_b for u in users):
+        return None
+    if any(u is not stats and owner.get(id(u)) is not seg_b for u in x.users):
+        return None  # read by seg_a itself or by another step: it is materialised anyway
+    kept = [o for o in seg_a.outputs if o is not x]
+    prefix_nodes = _ancestors(seg_a.nodes, x, frozenset(kept))
+    rules = {**seg_a.rules, **seg_b.rules}
+    prefix = _unbanded(prefix_nodes, rules, "overl", plan.static)
+    prefix.outputs = [x]
+    _band(prefix, len(seg_a.bands))
+    order = {v: i for i, v in enumerate(plan.graph.nodes)}
+    merged = _unbanded(sorted({*prefix_nodes, *seg_b.nodes}, key=order.__getitem__), rules, seg_b.mode, plan.static)
+    streamed = {stats} | {s.stats for s in steps if isinstance(s, Streamed)}
+    inside = set(merged.nodes)
+    merged.outputs = [o for o in merged.outputs if o not in kept and (not o.users or any(
+        u not in inside and u not in streamed for u in o.users))]  # a streamed statistics' input is not kept
+    _band(merged, len(seg_b.bands))
+    new: list[Step] = []
+    for step in steps:
+        if step is seg_a and kept:  # its other outputs: only the nodes they need
+            needed = {v for o in kept for v in _ancestors(seg_a.nodes, o)}
+            rest = [v for v in seg_a.nodes if v in needed]
+            part = _unbanded(rest, seg_a.rules, seg_a.mode, plan.static)
+            _band(part, len(seg_a.bands))
+            new.append(part)
+        elif step is stats:
+            new.append(Streamed(stats, readers, prefix))
+        elif step is seg_b:
+            new.append(merged)
+        elif step is not seg_a and not (isinstance(step, fx.Node) and step in readers):
+            new.append(step)
+    return Plan(new, plan.static, _free_after(plan.graph, new), plan.graph, plan.param_grads)
 
 
 def plain_plan(plan: Plan, reason: str) -> Plan:
     """The same graph run as usual: every node a global step, nothing banded or recomputed."""
-    nodes = [v for step in plan.steps for v in (step.nodes if isinstance(step, Segment) else [step])]
-    order = {v: i for i, v in enumerate(plan.graph.nodes)}
-    steps: list[fx.Node | Segment] = sorted(nodes, key=order.__getitem__)
+    steps: list[Step] = list(plan.graph_nodes())
     return Plan(steps, plan.static, _free_after(plan.graph, steps), plan.graph, plan.param_grads, reason)
 
 
@@ -522,16 +599,15 @@ def _param_grads(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, int]:
     return grads
 
 
-def _free_after(graph: fx.Graph, steps: list[fx.Node | Segment]) -> list[list[fx.Node]]:
+def _free_after(graph: fx.Graph, steps: list[Step]) -> list[list[fx.Node]]:
     """For each step, the env entries that no later step reads (freed to keep peak memory low)."""
     last: dict[fx.Node, int] = {}
     for i, step in enumerate(steps):
-        for node in step.nodes if isinstance(step, Segment) else [step]:
-            for n in node.all_input_nodes:
-                last[n] = i
+        for n in step_reads(step):
+            last[n] = i
     frees: list[list[fx.Node]] = [[] for _ in steps]
     for i, step in enumerate(steps):  # values no step reads (a dropped result) are freed where they are made
-        for node in step.outputs if isinstance(step, Segment) else [step]:
+        for node in step_outputs(step):
             last.setdefault(node, i)
     for n, i in last.items():
         if n.op != "get_attr":

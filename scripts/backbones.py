@@ -137,6 +137,7 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
 
             def step(model: nn.Module = model) -> None:
                 model.zero_grad(set_to_none=True)
+                torch.manual_seed(0)  # stochastic depth and dropout draw the same numbers in every method
                 _loss(model(x)).backward()
 
             step()  # warm-up: plans, caches

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_lrcnn import restore, to_row_centric
 from lightning_lrcnn.convert import plan_for
-from lightning_lrcnn.estimate import estimate, estimate_plain
+from lightning_lrcnn.estimate import breakdown, estimate, estimate_plain
 from lightning_lrcnn.memory import measure
 from lightning_lrcnn.models import UNet
 
@@ -116,3 +116,14 @@ def test_scale_search_finds_the_largest_fitting_side() -> None:
     banded = largest_side(model, "overl:8", budget, 1, 32, 2048)
     assert 0 < plain < banded
     assert estimated_peak(model, "plain", plain, 1) <= budget < estimated_peak(model, "plain", plain + 32, 1)
+
+
+@pytest.mark.parametrize("name", ["vgg11_features", "resnet18_train_bn", "unet"])
+def test_breakdown_parts_add_up_to_the_estimated_peak(name: str) -> None:
+    make, shape = MODELS[name]
+    model = to_row_centric(make(), mode="overl", rows=8)
+    plan = plan_for(model, torch.randn(shape))
+    parts = breakdown(plan)
+    assert parts.peak == estimate(plan).peak_bytes > 0
+    assert parts.param_grads + parts.held + parts.band + parts.in_flight == parts.peak
+    assert parts.input == torch.Size(shape).numel() * 4 and "estimated peak" in str(parts)
