@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
-from .norms import update_running_statistics
+from .norms import batch_statistics, update_running_statistics
 from .plan import Band, Plan, Segment, Streamed
 from .rules import recomputing, row_dim
 from .trace import fetch_attr
@@ -298,13 +298,15 @@ class _PrefixRun:
         def load(v: Any) -> Any:
             return static[v] if v in static else env[v]
 
-        args = fx.node.map_arg(step.stats.args[1:], load)
-        self.running_mean, self.running_var, self.tracked, self.momentum, self.eps = args
+        if step.stats.target is batch_statistics:
+            args = fx.node.map_arg(step.stats.args[1:], load)
+            self.running_mean, self.running_var, self.tracked, self.momentum, self.eps = args
 
     def inputs(self) -> list[Tensor]:
         return [*(self.outside[v] for v in self.tensor_nodes), *self.params]
 
-    def _band(self, i: int, env: dict[fx.Node, Any], grad: bool) -> tuple[Tensor, list[Tensor]]:
+    def band(self, i: int, env: dict[fx.Node, Any], grad: bool) -> tuple[Tensor, list[Tensor]]:
+        """Band ``i`` of the prefix output, and the input rows it read (leaves when ``grad``)."""
         band = self.prefix.bands[i]
         rows = [env[v].narrow(row_dim(v), r.start, len(r)) for v, r in band.inputs]
         if grad:
@@ -319,7 +321,7 @@ class _PrefixRun:
         count, mean, m2 = 0, None, None
         with torch.no_grad():
             for i in range(len(self.prefix.bands)):
-                x, _ = self._band(i, self.outside, grad=False)
+                x, _ = self.band(i, self.outside, grad=False)
                 n = x.numel() // x.shape[1]
                 if n == 0:
                     continue
@@ -345,7 +347,7 @@ class _PrefixRun:
                       for v, t in self.outside.items()}
             sums: list[Tensor | None] = [None] * (len(self.tensor_nodes) + len(self.params))
             for i, band in enumerate(self.prefix.bands):
-                x, rows = self._band(i, leaves, grad=True)
+                x, rows = self.band(i, leaves, grad=True)
                 wanted = [*rows, *(leaves[v] for v in self.tensor_nodes), *self.params]
                 needs = [t for t in wanted if t.requires_grad]
                 if not needs:
@@ -366,9 +368,33 @@ class _PrefixRun:
         return sums
 
 
+class _StreamedMean(torch.autograd.Function):
+    """The mean over H and W of ``run.prefix``'s output, ``(N, C, 1, 1)``, summed band by band; backward spreads
+    its gradient over each recomputed band (a view: nothing of the output's size is made)."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _PrefixRun, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        total, count, dtype = None, 0, torch.float32
+        with torch.no_grad():
+            for i in range(len(run.prefix.bands)):
+                x, _ = run.band(i, run.outside, grad=False)
+                part = x.sum((2, 3), keepdim=True, dtype=torch.float64)
+                total = part if total is None else total + part
+                count, dtype = count + x.shape[2] * x.shape[3], x.dtype
+        ctx.run, ctx.count = run, count
+        return (total / count).to(dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, *ctx.run.backward(lambda x: (grad / ctx.count).expand_as(x)))
+
+
 def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
                   progress: Progress, index: int) -> None:
     run = _PrefixRun(step, env, static, root, progress, index)
+    if step.stats.target is not batch_statistics:
+        env[step.stats] = _StreamedMean.apply(run, *run.inputs())
+        return
     mean, rstd = _StreamedStatistics.apply(run, *run.inputs())
     env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)
 

@@ -49,17 +49,18 @@ class Segment:
 
 @dataclass
 class Streamed:
-    """Train-mode BatchNorm statistics accumulated band by band: ``prefix`` recomputes the statistics' input
+    """Train-mode BatchNorm statistics (or a mean over the image) accumulated band by band: ``prefix``
+    recomputes the statistics' input
     from materialised values (its one output), so that input is never kept whole; its backward recomputes
     the bands again. Sets ``outputs`` (the statistics' mean and ``rsqrt(var + eps)``)."""
 
-    stats: fx.Node  # the batch_statistics node
-    outputs: list[fx.Node]  # its getitem readers: mean, rstd
+    stats: fx.Node  # the batch_statistics node, or a mean over the image (a squeeze-excitation squeeze)
+    outputs: list[fx.Node]  # what the step sets: the statistics' getitem readers (mean, rstd), or the mean
     prefix: Segment  # OverL bands whose one output is ``stats``' input
 
     @property
     def nodes(self) -> list[fx.Node]:
-        return [self.stats, *self.outputs]
+        return [self.stats, *(o for o in self.outputs if o is not self.stats)]
 
     @property
     def name(self) -> str:

@@ -11,6 +11,7 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
@@ -497,15 +498,16 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
             steps.append(node)
     plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
     _relieve_peak(plan)
-    _stream_statistics(plan)
+    _stream_statistics(plan, root)
     return plan
 
 
 # --------------------------------------------------------------------------------------------- streamed statistics
 
 
-def _stream_statistics(plan: Plan) -> None:
-    """Stream each train-mode BatchNorm's statistics (:class:`Streamed`) where that lowers the estimated peak.
+def _stream_statistics(plan: Plan, root: nn.Module) -> None:
+    """Stream each train-mode BatchNorm's statistics, and each mean over the image (a squeeze-excitation gate's
+    squeeze), (:class:`Streamed`) where that lowers the estimated peak.
 
     # NOTE [ Streamed statistics ]
     # Materialised, a BatchNorm's statistics keep their input (a convolution output) whole until backward.
@@ -514,10 +516,35 @@ def _stream_statistics(plan: Plan) -> None:
     # it recomputes the input's rows itself. Chained BatchNorms make ever longer prefixes (more recomputation,
     # less memory): each is kept only where the estimate says the step's peak drops.
     """
-    for stats in [s for s in plan.steps if isinstance(s, fx.Node) and s.target is batch_statistics]:
+    for stats in [s for s in plan.steps if isinstance(s, fx.Node) and reduction(s, root) is not None]:
         trial = _streamed(plan, stats)
         if trial is not None and estimate(trial).peak_bytes < estimate(plan).peak_bytes:
             plan.steps, plan.free_after = trial.steps, trial.free_after
+
+
+def reduction(node: fx.Node, root: nn.Module) -> str | None:
+    """``"batchnorm"`` for train-mode BatchNorm statistics, ``"mean"`` for a mean of an ``(N, C, H, W)`` value over
+    H and W (``x.mean((2, 3), keepdim=True)``, ``AdaptiveAvgPool2d(1)``), else None: reductions that can be
+    streamed band by band."""
+    if node.op == "call_function" and node.target is batch_statistics:
+        return "batchnorm"
+    x = node.args[0] if node.args else None
+    value, source = node.meta.get("val"), x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not (isinstance(value, Tensor) and isinstance(source, Tensor) and source.dim() == 4 and row_dim(x) == 2
+            and tuple(value.shape) == (*source.shape[:2], 1, 1)):
+        return None
+    if node.op == "call_method" and node.target == "mean":
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = concrete(dims)
+        return "mean" if keep and isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3] \
+            and not node.kwargs.get("dtype") else None
+    size = None
+    if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.AdaptiveAvgPool2d):
+        size = root.get_submodule(str(node.target)).output_size
+    elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    return "mean" if size in (1, (1, 1), [1, 1]) else None
 
 
 def _ancestors(nodes: list[fx.Node], of: fx.Node, stop: frozenset[fx.Node] = frozenset()) -> list[fx.Node]:
@@ -534,19 +561,21 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
     """``plan`` with ``stats`` streamed over the segment that makes its input, or None where that does not
     apply: the input comes from a recomputed segment and is read only by the statistics and by the segment
     that normalises with them."""
-    x, readers = stats.args[0], list(stats.users)
-    steps = plan.steps
+    x, steps = stats.args[0], plan.steps
     owner = {id(v): s for s in steps if isinstance(s, Segment) for v in s.nodes}
     seg_a = owner.get(id(x))
-    users = [u for r in readers for u in r.users]
-    if (seg_a is None or not readers or not users
-            or any(r.op != "call_function" or r.target is not operator.getitem for r in readers)):
+    others = [u for u in x.users if u is not stats]  # the segment that normalises (or gates) with the statistics
+    seg_b = owner.get(id(others[0])) if others else None
+    if seg_a is None or seg_b is None or seg_b is seg_a or any(owner.get(id(u)) is not seg_b for u in others):
+        return None  # read by seg_a itself or by more than one step: it is materialised anyway
+    if stats.target is batch_statistics:  # its mean and rstd, read by getitem, are made by the streamed step
+        readers = list(stats.users)
+        if any(r.op != "call_function" or r.target is not operator.getitem for r in readers):
+            return None
+    else:
+        readers = [stats]
+    if steps.index(seg_b) < steps.index(stats):
         return None
-    seg_b = owner.get(id(users[0]))
-    if seg_b is None or seg_b is seg_a or not seg_b.recompute or any(owner.get(id(u)) is not seg_b for u in users):
-        return None
-    if any(u is not stats and owner.get(id(u)) is not seg_b for u in x.users):
-        return None  # read by seg_a itself or by another step: it is materialised anyway
     kept = [o for o in seg_a.outputs if o is not x]
     prefix_nodes = _ancestors(seg_a.nodes, x, frozenset(kept))
     rules = {**seg_a.rules, **seg_b.rules}

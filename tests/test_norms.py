@@ -272,7 +272,7 @@ def test_streamed_statistics_save_what_materialised_ones_keep() -> None:
         if not streamed:
             from unittest import mock
 
-            with mock.patch("lightning_lrcnn.planner._stream_statistics", lambda plan: None):
+            with mock.patch("lightning_lrcnn.planner._stream_statistics", lambda plan, root: None):
                 plan = plan_for(model, x)
         else:
             plan = plan_for(model, x)
@@ -281,3 +281,28 @@ def test_streamed_statistics_save_what_materialised_ones_keep() -> None:
         peaks[streamed] = measure(lambda m=model: m(x).square().mean().backward()).peak_bytes
     assert peaks[True] < 0.8 * peaks[False], peaks
     assert abs(estimates[True] / peaks[True] - 1) < 0.15, (estimates, peaks)
+
+
+class SqueezeExcite(nn.Module):
+    """Conv, SE gate (torchvision's AdaptiveAvgPool2d(1) squeeze, or timm's mean over H and W), conv."""
+
+    def __init__(self, squeeze: str) -> None:
+        super().__init__()
+        self.squeeze = squeeze
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.out = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.conv1(x).relu()).relu()
+        s = self.pool(y) if self.squeeze == "module" else y.mean((2, 3), keepdim=True)
+        return self.out(y * self.fc2(self.fc1(s).relu()).sigmoid())
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("squeeze", ["module", "method"])
+def test_squeeze_excitation_mean_is_streamed(squeeze: str, mode: str) -> None:
+    shape = (2, 3, 192, 40)
+    converted = assert_equivalent(lambda: SqueezeExcite(squeeze), shape, mode=mode, rows=8, train=True)
+    plan = plan_for(converted, torch.randn(shape, dtype=torch.float64))
+    assert any(isinstance(s, Streamed) for s in plan.steps), describe(plan)
