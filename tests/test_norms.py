@@ -201,21 +201,22 @@ def test_batchnorm1d_3d_and_sync_batchnorm_stay_global_and_exact() -> None:
     assert {"sync", "bn3d", "bn1d"}.isdisjoint(banded)  # SyncBatchNorm whole: its statistics are reduced across ranks
 
 
+def _bn_stack(widths: tuple[int, ...] = (8, 8, 16, 16)) -> nn.Module:
+    """Conv, train-mode BatchNorm, ReLU per width; a pooling and a last convolution."""
+    layers: list[nn.Module] = []
+    c = 3
+    for o in widths:
+        layers += [nn.Conv2d(c, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+        c = o
+    return nn.Sequential(*layers, nn.MaxPool2d(2), nn.Conv2d(c, 4, 3, padding=1))
+
+
 def test_train_batchnorm_split_saves_memory_at_size() -> None:
     """A VGG-style stack with train-mode BatchNorm: banded with split statistics, measured below the plain
     model (before the split, "exact" cut every region at every BatchNorm and was estimated above it)."""
     torch.manual_seed(0)
-
-    def make() -> nn.Module:
-        layers: list[nn.Module] = []
-        c = 3
-        for o in (16, 16, 32, 32):
-            layers += [nn.Conv2d(c, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-            c = o
-        return nn.Sequential(*layers, nn.MaxPool2d(2), nn.Conv2d(c, 8, 3, padding=1))
-
     x = torch.randn(1, 3, 192, 192)
-    plain = make().train()
+    plain = _bn_stack((16, 16, 32, 32)).train()
     converted = to_row_centric(copy.deepcopy(plain), mode="overl", rows=8)
     converted(x)  # plan
     peaks = [measure(lambda m=m: m(x).square().mean().backward()).peak_bytes for m in (plain, converted)]
@@ -226,13 +227,6 @@ def test_train_batchnorm_split_saves_memory_at_size() -> None:
 # --------------------------------------------------------------------------------------------- streamed statistics
 
 
-def _bn_stack() -> nn.Module:
-    layers: list[nn.Module] = []
-    c = 3
-    for o in (8, 8, 16, 16):
-        layers += [nn.Conv2d(c, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-        c = o
-    return nn.Sequential(*layers, nn.MaxPool2d(2), nn.Conv2d(c, 4, 3, padding=1))
 
 
 @pytest.mark.parametrize("mode", ["2ps", "overl"])
