@@ -72,7 +72,7 @@ def estimate(plan: Plan) -> Estimate:
     return Estimate(max((p for _, p in segment_peaks(plan)), default=0), _extra_compute(plan))
 
 
-def segment_peaks(plan: Plan) -> list[tuple[Segment | fx.Node, int]]:
+def segment_peaks(plan: Plan) -> list[tuple[Segment | Streamed | fx.Node, int]]:
     """Per step (a recomputed segment, or a node of the plan run as usual): the highest estimated memory while
     it runs forward or backward. The largest is the step's peak."""
     steps, costs = _costs(plan)

@@ -299,7 +299,7 @@ class _PrefixRun:
             return static[v] if v in static else env[v]
 
         if step.stats.target is batch_statistics:
-            args = fx.node.map_arg(step.stats.args[1:], load)
+            args: Any = fx.node.map_arg(step.stats.args[1:], load)
             self.running_mean, self.running_var, self.tracked, self.momentum, self.eps = args
 
     def inputs(self) -> list[Tensor]:
@@ -318,7 +318,7 @@ class _PrefixRun:
 
     def statistics(self) -> tuple[int, Tensor, Tensor]:
         """Count, mean and biased variance per channel, merged band by band (Chan et al.'s pairwise update)."""
-        count, mean, m2 = 0, None, None
+        count, mean, m2 = 0, None, None  # type: tuple[int, Any, Any]
         with torch.no_grad():
             for i in range(len(self.prefix.bands)):
                 x, _ = self.band(i, self.outside, grad=False)
@@ -345,7 +345,7 @@ class _PrefixRun:
         with torch.enable_grad():
             leaves = {v: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
                       for v, t in self.outside.items()}
-            sums: list[Tensor | None] = [None] * (len(self.tensor_nodes) + len(self.params))
+            sums: list[Any] = [None] * (len(self.tensor_nodes) + len(self.params))
             for i, band in enumerate(self.prefix.bands):
                 x, rows = self.band(i, leaves, grad=True)
                 wanted = [*rows, *(leaves[v] for v in self.tensor_nodes), *self.params]
@@ -374,7 +374,8 @@ class _StreamedMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, run: _PrefixRun, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        total, count, dtype = None, 0, torch.float32
+        total: Any = None
+        count, dtype = 0, torch.float32
         with torch.no_grad():
             for i in range(len(run.prefix.bands)):
                 x, _ = run.band(i, run.outside, grad=False)

@@ -71,7 +71,7 @@ def probe(path: str, label: int = 0) -> LargeImage:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
+                page: Any = tif.pages[0]
                 height, width = int(page.imagelength), int(page.imagewidth)
                 _check_pixels(path, page.dtype, int(page.samplesperpixel))
                 if page.samplesperpixel > 1 and page.planarconfig != 1:
@@ -137,7 +137,7 @@ def _tiff_crop(path: str, top: int, left: int, size: int) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
+        page: Any = tif.pages[0]
         if page.is_memmappable:
             a = tif.asarray(out="memmap")
             return np.array(a[top : top + size, left : left + size, :3]).transpose(2, 0, 1)
@@ -153,7 +153,7 @@ def _tiff_crop(path: str, top: int, left: int, size: int) -> np.ndarray:
                 fh.seek(page.dataoffsets[index])
                 segment, (_, _, y, x, _), _ = page.decode(fh.read(page.databytecounts[index]), index,
                                                           jpegtables=page.jpegtables)
-                seg = segment[0]
+                seg = segment[0]  # type: ignore[index]
                 y0, x0 = max(top, y), max(left, x)
                 y1, x1 = min(top + size, y + seg.shape[0], page.imagelength), min(left + size, x + seg.shape[1])
                 out[y0 - top : y1 - top, x0 - left : x1 - left] = seg[y0 - y : y1 - y, x0 - x : x1 - x]

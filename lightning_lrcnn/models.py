@@ -75,6 +75,9 @@ class InputNormalize(nn.Module):
     exists (see :mod:`lightning_lrcnn.large_images`). Defaults: ImageNet mean and std on 0..255 pixels.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
                  scale: float = 255.0) -> None:
         super().__init__()

@@ -48,7 +48,7 @@ def draw_gates_globally(gm: fx.GraphModule) -> None:
             x = node.args[0]
             with graph.inserting_before(node):
                 meta = {k: node.kwargs.get(k) or graph.call_function(getattr, (x, k)) for k in ("dtype", "device")}
-                new = graph.call_function(_NEW[str(node.target)], tuple(node.args[1:]), meta)
+                new = graph.call_function(_NEW[str(node.target)], tuple(node.args[1:]), meta)  # type: ignore[arg-type]
         elif _is_torchvision_stochastic_depth(node):
             b: dict[str, Any] = dict(zip(("input", "p", "mode", "training"), node.args)) | dict(node.kwargs)
             x, p = b["input"], b.get("p")

@@ -132,7 +132,7 @@ class _Normalize(torch.autograd.Function):
         need = ctx.needs_input_grad
         scale = rstd if weight is None else rstd * weight.reshape(channels)  # d out / d x, per channel
         dx = grad * scale if need[0] or need[1] else None
-        dmean = -dx.sum_to_size(mean.shape) if need[1] else None
+        dmean = -dx.sum_to_size(mean.shape) if need[1] and dx is not None else None
         drstd = dweight = None
         if need[2] or need[3]:
             per = (xf - mean).mul_(grad).sum_to_size(rstd.shape)  # sum of grad * (x - mean) per statistic

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
-from .estimate import segment_peaks as estimate_segment_peaks
 from .estimate import estimate, segments_peak
+from .estimate import segment_peaks as estimate_segment_peaks
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
 from .norms import batch_statistics
@@ -347,7 +347,7 @@ def _relieve_peak(plan: Plan) -> None:
 
 
 def _accepted(plan: Plan, new: list[Segment], own: int, top: int,
-              gain: float = _MIN_GAIN) -> list[tuple[Segment | fx.Node, int]] | None:
+              gain: float = _MIN_GAIN) -> list[tuple[Segment | Streamed | fx.Node, int]] | None:
     """The plan's step peaks if the ``new`` segments' peaks are ``gain`` below ``own`` and none is above
     ``top``."""
     trial = estimate_segment_peaks(plan)
@@ -356,7 +356,7 @@ def _accepted(plan: Plan, new: list[Segment], own: int, top: int,
     return trial if mine <= (1 - gain) * own and max(p for _, p in trial) <= top else None
 
 
-def _more_bands(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | fx.Node, int]] | None:
+def _more_bands(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | Streamed | fx.Node, int]] | None:
     n = len(s.bands)
     count = min(_output_rows(s), n + max(1, n // 4))
     if count <= n:
@@ -369,7 +369,7 @@ def _more_bands(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segmen
     return trial
 
 
-def _cut(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | fx.Node, int]] | None:
+def _cut(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | Streamed | fx.Node, int]] | None:
     """Cut ``s`` in two, each part with 25% more bands than ``s`` had (a small deep part may run plainly)."""
     if len(s.nodes) < 2 or not s.recompute:
         return None
@@ -528,7 +528,7 @@ def reduction(node: fx.Node, root: nn.Module) -> str | None:
     streamed band by band."""
     if node.op == "call_function" and node.target is batch_statistics:
         return "batchnorm"
-    x = node.args[0] if node.args else None
+    x: Any = node.args[0] if node.args else None
     value, source = node.meta.get("val"), x.meta.get("val") if isinstance(x, fx.Node) else None
     if not (isinstance(value, Tensor) and isinstance(source, Tensor) and source.dim() == 4 and row_dim(x) == 2
             and tuple(value.shape) == (*source.shape[:2], 1, 1)):
@@ -539,7 +539,7 @@ def reduction(node: fx.Node, root: nn.Module) -> str | None:
         dims = concrete(dims)
         return "mean" if keep and isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3] \
             and not node.kwargs.get("dtype") else None
-    size = None
+    size: Any = None
     if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.AdaptiveAvgPool2d):
         size = root.get_submodule(str(node.target)).output_size
     elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
@@ -562,6 +562,8 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
     apply: the input comes from a recomputed segment and is read only by the statistics and by the segment
     that normalises with them."""
     x, steps = stats.args[0], plan.steps
+    if not isinstance(x, fx.Node):
+        return None
     owner = {id(v): s for s in steps if isinstance(s, Segment) for v in s.nodes}
     seg_a = owner.get(id(x))
     others = [u for u in x.users if u is not stats]  # the segment that normalises (or gates) with the statistics

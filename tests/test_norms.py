@@ -14,9 +14,9 @@ from torch import nn
 
 from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.convert import plan_for
+from lightning_lrcnn.estimate import estimate
 from lightning_lrcnn.memory import measure
 from lightning_lrcnn.norms import batch_statistics, normalize
-from lightning_lrcnn.estimate import estimate
 from lightning_lrcnn.plan import Plan, Streamed, describe
 
 banded_anyway = pytest.mark.usefixtures("banded_anyway")  # small sizes: see conftest
