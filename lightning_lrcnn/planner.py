@@ -566,7 +566,8 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
         return None
     owner = {id(v): s for s in steps if isinstance(s, Segment) for v in s.nodes}
     seg_a = owner.get(id(x))
-    others = [u for u in x.users if u is not stats]  # the segment that normalises (or gates) with the statistics
+    # the segment that normalises (or gates) with the statistics; shape queries (timm's ``_assert``) are constants
+    others = [u for u in x.users if u is not stats and u not in plan.static]
     seg_b = owner.get(id(others[0])) if others else None
     if seg_a is None or seg_b is None or seg_b is seg_a or any(owner.get(id(u)) is not seg_b for u in others):
         return None  # read by seg_a itself or by more than one step: it is materialised anyway

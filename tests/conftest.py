@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -111,6 +112,18 @@ class ConvHeights(TorchDispatchMode):
                 key = (func.__name__, x.shape[1], y.shape[3])
                 self.other[key] = max(self.other.get(key, 0), y.shape[2])
         return out
+
+
+class NormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: an ``_assert`` on the input, ``F.batch_norm`` called as a function, then
+    an activation (traced through, not a leaf)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training or self.running_mean is None, 0.1 if self.momentum is None else self.momentum,
+                         self.eps)
+        return F.silu(x)
 
 
 @pytest.fixture

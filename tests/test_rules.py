@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_equivalent
+from conftest import NormAct, assert_equivalent
 from torch import nn
 
 from lightning_lrcnn import to_row_centric
@@ -309,18 +309,6 @@ def test_batchnorm_policies(mode: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- norm+act, channels-last
-
-
-class NormAct(nn.BatchNorm2d):
-    """timm's BatchNormAct2d pattern: an ``_assert`` on the input, ``F.batch_norm`` called as a function, then
-    an activation (traced through, not a leaf)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training or self.running_mean is None, 0.1 if self.momentum is None else self.momentum,
-                         self.eps)
-        return F.silu(x)
 
 
 def _norm_act_net() -> nn.Module:
