@@ -115,12 +115,12 @@ class Progress:
     EVERY = 10.0
 
     def __init__(self, segments: int) -> None:
-        self.segments, self.after, self.every = segments, self.AFTER, self.EVERY
+        self.segments = segments
         self.start = self.last = time.monotonic()
 
     def band(self, phase: str, segment: int, name: str, band: int, bands: int) -> None:
         now = time.monotonic()
-        if now - self.start < self.after or now - self.last < self.every:
+        if now - self.start < self.AFTER or now - self.last < self.EVERY:
             return
         self.last = now
         log.info("row-centric step, %s: segment %d/%d (%s), band %d/%d, %.0f s elapsed", phase, segment + 1,

@@ -516,35 +516,38 @@ def _stream_statistics(plan: Plan, root: nn.Module) -> None:
     # it recomputes the input's rows itself. Chained BatchNorms make ever longer prefixes (more recomputation,
     # less memory): each is kept only where the estimate says the step's peak drops.
     """
-    for stats in [s for s in plan.steps if isinstance(s, fx.Node) and reduction(s, root) is not None]:
+    peak = estimate(plan).peak_bytes
+    for stats in [s for s in plan.steps if isinstance(s, fx.Node) and streamable(s, root)]:
         trial = _streamed(plan, stats)
-        if trial is not None and estimate(trial).peak_bytes < estimate(plan).peak_bytes:
-            plan.steps, plan.free_after = trial.steps, trial.free_after
+        if trial is None:
+            continue
+        trial_peak = estimate(trial).peak_bytes
+        if trial_peak < peak:
+            plan.steps, plan.free_after, peak = trial.steps, trial.free_after, trial_peak
 
 
-def reduction(node: fx.Node, root: nn.Module) -> str | None:
-    """``"batchnorm"`` for train-mode BatchNorm statistics, ``"mean"`` for a mean of an ``(N, C, H, W)`` value over
-    H and W (``x.mean((2, 3), keepdim=True)``, ``AdaptiveAvgPool2d(1)``), else None: reductions that can be
-    streamed band by band."""
+def streamable(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` is a reduction that can be streamed band by band: train-mode BatchNorm statistics, or a
+    mean of an ``(N, C, H, W)`` value over H and W (``x.mean((2, 3), keepdim=True)``, ``AdaptiveAvgPool2d(1)``)."""
     if node.op == "call_function" and node.target is batch_statistics:
-        return "batchnorm"
+        return True
     x: Any = node.args[0] if node.args else None
     value, source = node.meta.get("val"), x.meta.get("val") if isinstance(x, fx.Node) else None
     if not (isinstance(value, Tensor) and isinstance(source, Tensor) and source.dim() == 4 and row_dim(x) == 2
             and tuple(value.shape) == (*source.shape[:2], 1, 1)):
-        return None
+        return False
     if node.op == "call_method" and node.target == "mean":
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         dims = concrete(dims)
-        return "mean" if keep and isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3] \
-            and not node.kwargs.get("dtype") else None
+        return bool(keep and isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3]
+                    and not node.kwargs.get("dtype"))
     size: Any = None
     if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.AdaptiveAvgPool2d):
         size = root.get_submodule(str(node.target)).output_size
     elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-    return "mean" if size in (1, (1, 1), [1, 1]) else None
+    return size in (1, (1, 1), [1, 1])
 
 
 def _ancestors(nodes: list[fx.Node], of: fx.Node, stop: frozenset[fx.Node] = frozenset()) -> list[fx.Node]:

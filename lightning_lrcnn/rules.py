@@ -616,8 +616,9 @@ def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:
         else:
             rule = _function_rule(node, in_value, out_value) if dim == 2 else None
         return None if rule is None else NodeRule(rule, frozenset([first]))
-    if isinstance(first, fx.Node) and _is_4d(_val(first)) and moved_row_dim(node, row_dim(first)) is not None:
-        if moved_row_dim(node, row_dim(first)) != dim:
+    moved = moved_row_dim(node, row_dim(first)) if isinstance(first, fx.Node) and _is_4d(_val(first)) else None
+    if moved is not None:
+        if moved != dim:
             return None
         return NodeRule(_axes_move_rule(node, _val(first).shape[row_dim(first)]), frozenset([first]))
     # elementwise family: every 4-D input with the output's rows is row-indexed; the others must broadcast
