@@ -279,7 +279,8 @@ class _StreamedStatistics(torch.autograd.Function):
             d = x.detach() - mean.reshape(shape)
             return d.mul_(2 * g_var.reshape(shape)).add_(g_mean.reshape(shape)).div_(ctx.count)
 
-        return (None, *ctx.run.backward(grad_of))
+        run, ctx.run = ctx.run, None  # the graph outlives this call: what the prefix read must not
+        return (None, *run.backward(grad_of))
 
 
 class _PrefixRun:
@@ -387,7 +388,8 @@ class _StreamedMean(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, *ctx.run.backward(lambda x: (grad / ctx.count).expand_as(x)))
+        run, ctx.run = ctx.run, None  # the graph outlives this call: what the prefix read must not
+        return (None, *run.backward(lambda x: (grad / ctx.count).expand_as(x)))
 
 
 def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
