@@ -499,7 +499,53 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
     _relieve_peak(plan)
     _stream_statistics(plan, root)
+    _merge_lone_nodes(plan)
+    _drop_streamed_inputs(plan)
     return plan
+
+
+def _drop_streamed_inputs(plan: Plan) -> None:
+    """A segment does not materialise a value that only streamed statistics read outside it: their prefix
+    recomputes it (a segment split around a streamed step may still list it)."""
+    stats = {s.stats for s in plan.steps if isinstance(s, Streamed)}
+    for s in plan.segments:
+        inside = set(s.nodes)
+        outputs = [o for o in s.outputs if not o.users or any(
+            u not in inside and u not in stats and u not in plan.static for u in o.users)]
+        if s.recompute and outputs and len(outputs) < len(s.outputs):
+            s.outputs = outputs
+            _band(s, len(s.bands))
+    plan.free_after = _free_after(plan.graph, plan.steps)
+
+
+def _merge_lone_nodes(plan: Plan) -> None:
+    """Merge a recomputed segment of one node (a block's last activation, left alone when statistics were
+    streamed around it) into the recomputed segment just before it where that reads one of its outputs, keeping
+    the merge where the estimated peak does not rise: the value between them is then never materialised."""
+    peak = estimate(plan).peak_bytes
+    i = 1
+    while i < len(plan.steps):
+        before, lone = plan.steps[i - 1], plan.steps[i]
+        if not (isinstance(before, Segment) and isinstance(lone, Segment) and before.recompute and lone.recompute
+                and len(lone.nodes) == 1 and before.mode == lone.mode
+                and any(u in before.nodes for u in lone.nodes[0].all_input_nodes)):
+            i += 1
+            continue
+        nodes = [*before.nodes, *lone.nodes]
+        inside = set(nodes)
+        skip = plan.static.keys() | {s.stats for s in plan.steps if isinstance(s, Streamed)}  # recompute their input
+        merged = Segment(nodes, {**before.rules, **lone.rules}, [
+            o for o in [*before.outputs, *lone.outputs]
+            if not o.users or any(u not in inside and u not in skip for u in o.users)], before.mode)
+        _band(merged, max(len(before.bands), len(lone.bands)))
+        trial = Plan([*plan.steps[: i - 1], merged, *plan.steps[i + 1 :]], plan.static, [], plan.graph,
+                     plan.param_grads)
+        trial.free_after = _free_after(plan.graph, trial.steps)
+        trial_peak = estimate(trial).peak_bytes
+        if trial_peak <= peak and not (merged.mode == "overl" and merged.overlap > MAX_OVERLAP):
+            plan.steps, plan.free_after, peak = trial.steps, trial.free_after, trial_peak
+        else:
+            i += 1
 
 
 # --------------------------------------------------------------------------------------------- streamed statistics
