@@ -17,7 +17,7 @@ candidates before measuring them and stands in for the plain model's peak when t
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import fx
 
@@ -96,7 +96,28 @@ def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]
             for v in step.nodes if isinstance(step, Segment) else [step]:
                 steps.append(v)
                 costs.append(_node_cost(v, plan, captured))
-    return steps, costs
+    return steps, _with_row_input_grads(steps, costs)
+
+
+def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost]) -> list[_Cost]:
+    """Add the gradient of each value read in rows (by recomputed segments and streamed statistics): one sum for
+    all its readers (see ``executor._Anchors``), alive in backward from its last reader to its first."""
+    span: dict[fx.Node, tuple[int, int]] = {}
+    for i, step in enumerate(steps):
+        segment = step.prefix if isinstance(step, Streamed) else step
+        if isinstance(segment, Segment):
+            for u in _row_inputs(segment):
+                first, _ = span.get(u, (i, i))
+                span[u] = (first, i)
+    extra = [0] * len(costs)
+    for u, (first, last) in span.items():
+        for i in range(first, last + 1):
+            extra[i] += _bytes(u)
+    return [replace(c, backward=c.backward + e) if e else c for c, e in zip(costs, extra)]
+
+
+def _row_inputs(segment: Segment) -> set[fx.Node]:
+    return {u for b in segment.bands for u, _ in b.inputs if u.op != "placeholder"}
 
 
 def breakdown(plan: Plan) -> Breakdown:
@@ -126,7 +147,7 @@ def estimate_plain(plan: Plan) -> int:
 def segments_peak(segments: Sequence[Segment], param_grads: dict[fx.Node, int]) -> int:
     """Estimated peak of a training step through ``segments`` alone (the planner compares cuts with it)."""
     captured = {u for s in segments for v in s.nodes for u in v.all_input_nodes}
-    return _peak([_segment_cost(s, param_grads, captured) for s in segments])
+    return _peak(_with_row_input_grads(segments, [_segment_cost(s, param_grads, captured) for s in segments]))
 
 
 def _step_peaks(costs: Sequence[_Cost]) -> list[int]:
@@ -182,11 +203,11 @@ def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: s
     held_outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
     held = held_outputs + sum(row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)
     inside = set(segment.nodes)
-    row_inputs = {u for b in segment.bands for u, _ in b.inputs if u.op != "placeholder"}
+    row_inputs = _row_inputs(segment)
     whole_inputs = {u for v in segment.nodes for u in _tensor_inputs(v) if u not in inside} - row_inputs
-    # gradients of the segment inputs: the row inputs' sums (see executor._Rows) and, for a whole input, the
-    # running sum plus one band's contribution
-    input_grads = sum(_bytes(u) for u in row_inputs) + 2 * sum(_bytes(u) for u in whole_inputs)
+    # gradients of the segment inputs: a whole input's running sum plus one band's contribution (the row inputs'
+    # sums are added over all their readers: see _with_row_input_grads)
+    input_grads = 2 * sum(_bytes(u) for u in whole_inputs)
     band_fwd = band_bwd = 0
     for band in segment.bands:
         costs = _band_costs(segment, band, inside)

@@ -83,23 +83,33 @@ class _Rows(torch.autograd.Function):
         return None, None, None
 
 
-def _band_inputs(segment: Segment, env: dict[fx.Node, Any]) -> Iterator[list[Tensor]]:
+class _Anchors:
+    """Per materialised value read in rows (by segments or streamed statistics): one :class:`_Collect` anchor and
+    one gradient sum for all its readers, so its gradient exists once, from the backward of its last reader to
+    that of its first, however many read it."""
+
+    def __init__(self) -> None:
+        self.made: dict[fx.Node, tuple[Tensor, _GradSum | None]] = {}
+
+    def get(self, node: fx.Node, x: Tensor) -> tuple[Tensor, _GradSum | None]:
+        if node not in self.made:
+            if x.requires_grad and torch.is_grad_enabled():
+                total = _GradSum(x.shape, row_dim(node))
+                self.made[node] = (_Collect.apply(x, total), total)
+            else:
+                self.made[node] = (x, None)
+        return self.made[node]
+
+
+def _band_inputs(segment: Segment, env: dict[fx.Node, Any], anchors: _Anchors) -> Iterator[list[Tensor]]:
     """Per band, lazily, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_Rows`).
 
     Each band's rows are sliced just before the band runs: autograd runs the newest nodes first, so the
     band's :class:`_Rows` backward then runs right after the band's own, not after every band's.
     """
-    anchors: dict[fx.Node, tuple[Tensor, _GradSum | None]] = {}
-    for node in {node: None for band in segment.bands for node, _ in band.inputs}:
-        x = env[node]
-        if x.requires_grad and torch.is_grad_enabled():
-            total = _GradSum(x.shape, row_dim(node))
-            anchors[node] = (_Collect.apply(x, total), total)
-        else:
-            anchors[node] = (x, None)
 
     def rows(node: fx.Node, r: RowInterval) -> Tensor:
-        x, total = anchors[node]
+        x, total = anchors.get(node, env[node])
         return x.narrow(row_dim(node), r.start, len(r)) if total is None else _Rows.apply(x, r, total)
 
     for band in segment.bands:
@@ -232,14 +242,14 @@ class _BandRunner:
 
 
 def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                 progress: Progress, index: int) -> None:
+                 progress: Progress, index: int, anchors: _Anchors) -> None:
     inside = set(segment.nodes)
     # the values read from outside, captured now: recomputation in backward runs after env has moved on
     outside = {v: env[v] for node in segment.nodes for v in node.all_input_nodes if v not in inside and v in env}
     pieces: dict[fx.Node, list[Tensor]] = {o: [] for o in segment.outputs}
     carries: tuple[Tensor, ...] = ()
     grad = torch.is_grad_enabled()
-    for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside))):
+    for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside, anchors))):
         runner = _BandRunner(segment, band, outside, static, root, (progress, index, i))
         if grad and segment.recompute:
             result = checkpoint(runner, *carries, *inputs, use_reentrant=False)
@@ -287,12 +297,15 @@ class _PrefixRun:
     """What streamed statistics need of their prefix: its bands, what it reads, the BatchNorm's buffers."""
 
     def __init__(self, step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                 progress: Progress, index: int) -> None:
+                 progress: Progress, index: int, anchors: _Anchors) -> None:
         self.prefix, self.static, self.root, self.where = step.prefix, static, root, (progress, index)
         inside = set(self.prefix.nodes)
         self.outside = {v: env[v] for node in self.prefix.nodes for v in node.all_input_nodes
                         if v not in inside and v in env}
         self.tensor_nodes = [v for v, t in self.outside.items() if isinstance(t, Tensor)]
+        # the gradients of the rows it reads go into the values' shared sums (read whole: through autograd)
+        row_nodes = {v: None for band in self.prefix.bands for v, _ in band.inputs}
+        self.sums = {v: got for v in row_nodes if (got := anchors.get(v, self.outside[v]))[1] is not None}
         modules = [root.get_submodule(str(v.target)) for v in self.prefix.nodes if v.op == "call_module"]
         self.params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
 
@@ -304,7 +317,8 @@ class _PrefixRun:
             self.running_mean, self.running_var, self.tracked, self.momentum, self.eps = args
 
     def inputs(self) -> list[Tensor]:
-        return [*(self.outside[v] for v in self.tensor_nodes), *self.params]
+        """What autograd must route gradients to: the values read whole, the parameters, the row anchors."""
+        return [*(self.outside[v] for v in self.tensor_nodes), *self.params, *(a for a, _ in self.sums.values())]
 
     def band(self, i: int, env: dict[fx.Node, Any], grad: bool) -> tuple[Tensor, list[Tensor]]:
         """Band ``i`` of the prefix output, and the input rows it read (leaves when ``grad``)."""
@@ -342,11 +356,12 @@ class _PrefixRun:
         update_running_statistics(self.running_mean, self.running_var, self.tracked, self.momentum, mean, var, count)
 
     def backward(self, grad_of: Any) -> list[Tensor | None]:
-        """Gradients of :meth:`inputs` for the statistics' gradient ``grad_of(x)`` of the prefix output ``x``."""
+        """Gradients of :meth:`inputs` for the statistics' gradient ``grad_of(x)`` of the prefix output ``x``
+        (the rows' gradients are added to the values' shared sums; their anchors get None)."""
         with torch.enable_grad():
             leaves = {v: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
                       for v, t in self.outside.items()}
-            sums: list[Any] = [None] * (len(self.tensor_nodes) + len(self.params))
+            whole: list[Any] = [None] * (len(self.tensor_nodes) + len(self.params))
             for i, band in enumerate(self.prefix.bands):
                 x, rows = self.band(i, leaves, grad=True)
                 wanted = [*rows, *(leaves[v] for v in self.tensor_nodes), *self.params]
@@ -356,17 +371,14 @@ class _PrefixRun:
                 got = iter(torch.autograd.grad(x, needs, grad_of(x), allow_unused=True))
                 grads = [next(got) if t.requires_grad else None for t in wanted]
                 row_grads, rest = grads[: len(rows)], grads[len(rows):]
-                for (v, r), g in zip(band.inputs, row_grads):  # a band's rows into the whole input's gradient
-                    if g is not None:
-                        k = self.tensor_nodes.index(v)
-                        if sums[k] is None:
-                            sums[k] = torch.zeros_like(self.outside[v])
-                        sums[k].narrow(row_dim(v), r.start, len(r)).add_(g)
+                for (v, r), g in zip(band.inputs, row_grads):
+                    if g is not None and v in self.sums:
+                        self.sums[v][1].add(r, g)  # type: ignore[union-attr]
                 for k, g in enumerate(rest):
                     if g is not None:
-                        sums[k] = g if sums[k] is None else sums[k].add_(g)
+                        whole[k] = g if whole[k] is None else whole[k].add_(g)
                 del x, rows, grads, row_grads, rest
-        return sums
+        return [*whole, *(None for _ in self.sums)]
 
 
 class _StreamedMean(torch.autograd.Function):
@@ -393,8 +405,8 @@ class _StreamedMean(torch.autograd.Function):
 
 
 def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                  progress: Progress, index: int) -> None:
-    run = _PrefixRun(step, env, static, root, progress, index)
+                  progress: Progress, index: int, anchors: _Anchors) -> None:
+    run = _PrefixRun(step, env, static, root, progress, index, anchors)
     if step.stats.target is not batch_statistics:
         env[step.stats] = _StreamedMean.apply(run, *run.inputs())
         return
@@ -432,15 +444,17 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     banded = [s for s in plan.steps if isinstance(s, (Segment, Streamed))]
     progress = Progress(len(banded))
     index = {id(s): i for i, s in enumerate(banded)}
+    anchors = _Anchors()
     for step, frees in zip(plan.steps, plan.free_after):
         if isinstance(step, Segment):
-            _run_segment(step, env, plan.static, root, progress, index[id(step)])
+            _run_segment(step, env, plan.static, root, progress, index[id(step)], anchors)
         elif isinstance(step, Streamed):
-            _run_streamed(step, env, plan.static, root, progress, index[id(step)])
+            _run_streamed(step, env, plan.static, root, progress, index[id(step)], anchors)
         elif step.op == "output":
             result = _run_node(step, env, plan.static, root)
         else:
             env[step] = _run_node(step, env, plan.static, root)
         for n in frees:
             env.pop(n, None)
+            anchors.made.pop(n, None)
     return result

@@ -499,23 +499,30 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
     _relieve_peak(plan)
     _stream_statistics(plan, root)
-    _merge_lone_nodes(plan)
     _drop_streamed_inputs(plan)
+    _merge_lone_nodes(plan)
+    _relieve_peak(plan)  # streaming moved the peak
     return plan
 
 
 def _drop_streamed_inputs(plan: Plan) -> None:
-    """A segment does not materialise a value that only streamed statistics read outside it: their prefix
-    recomputes it (a segment split around a streamed step may still list it)."""
-    stats = {s.stats for s in plan.steps if isinstance(s, Streamed)}
+    """A segment does not materialise a value that only streamed statistics read outside it (their prefix
+    recomputes it): a segment cut before the statistics were streamed may still list it."""
+    streamed = {s.stats for s in plan.steps if isinstance(s, Streamed)}
     for s in plan.segments:
-        inside = set(s.nodes)
-        outputs = [o for o in s.outputs if not o.users or any(
-            u not in inside and u not in stats and u not in plan.static for u in o.users)]
+        outputs = _materialised(s.nodes, plan.static, streamed)
         if s.recompute and outputs and len(outputs) < len(s.outputs):
             s.outputs = outputs
             _band(s, len(s.bands))
     plan.free_after = _free_after(plan.graph, plan.steps)
+
+
+def _materialised(nodes: Sequence[fx.Node], static: dict[fx.Node, Any], streamed: set[fx.Node]) -> list[fx.Node]:
+    """The segment outputs of ``nodes`` (:func:`_outputs`) where the ``streamed`` statistics' reads do not count:
+    their prefix recomputes what they read."""
+    inside = set(nodes)
+    readers = {v: [u for u in v.users if u not in static] for v in nodes}
+    return [v for v in nodes if not readers[v] or any(u not in inside and u not in streamed for u in readers[v])]
 
 
 def _merge_lone_nodes(plan: Plan) -> None:
@@ -532,11 +539,8 @@ def _merge_lone_nodes(plan: Plan) -> None:
             i += 1
             continue
         nodes = [*before.nodes, *lone.nodes]
-        inside = set(nodes)
-        skip = plan.static.keys() | {s.stats for s in plan.steps if isinstance(s, Streamed)}  # recompute their input
-        merged = Segment(nodes, {**before.rules, **lone.rules}, [
-            o for o in [*before.outputs, *lone.outputs]
-            if not o.users or any(u not in inside and u not in skip for u in o.users)], before.mode)
+        streamed = {s.stats for s in plan.steps if isinstance(s, Streamed)}
+        merged = Segment(nodes, {**before.rules, **lone.rules}, _materialised(nodes, plan.static, streamed), before.mode)
         _band(merged, max(len(before.bands), len(lone.bands)))
         trial = Plan([*plan.steps[: i - 1], merged, *plan.steps[i + 1 :]], plan.static, [], plan.graph,
                      plan.param_grads)
@@ -637,9 +641,7 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
     order = {v: i for i, v in enumerate(plan.graph.nodes)}
     merged = _unbanded(sorted({*prefix_nodes, *seg_b.nodes}, key=order.__getitem__), rules, seg_b.mode, plan.static)
     streamed = {stats} | {s.stats for s in steps if isinstance(s, Streamed)}
-    inside = set(merged.nodes)
-    merged.outputs = [o for o in merged.outputs if o not in kept and (not o.users or any(
-        u not in inside and u not in streamed for u in o.users))]  # a streamed statistics' input is not kept
+    merged.outputs = [o for o in _materialised(merged.nodes, plan.static, streamed) if o not in kept]
     _band(merged, len(seg_b.bands))
     new: list[Step] = []
     for step in steps:
@@ -647,6 +649,7 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
             needed = {v for o in kept for v in _ancestors(seg_a.nodes, o)}
             rest = [v for v in seg_a.nodes if v in needed]
             part = _unbanded(rest, seg_a.rules, seg_a.mode, plan.static)
+            part.outputs = _materialised(rest, plan.static, streamed)
             _band(part, len(seg_a.bands))
             new.append(part)
         elif step is stats:
