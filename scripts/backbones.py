@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -104,11 +105,15 @@ def _grad_error(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> f
 
 
 def measure_network(key: str, size: int, methods: list[str], repeats: int) -> list[dict[str, Any]]:
-    """Plain and every method on one network, in this process; one record per method."""
+    """Plain and every method on one network, in this process; one record per method.
+
+    Step times are taken in rounds, one step of every method per round, so drift on a shared machine falls on
+    all of them alike; a method's time ratio is the median over rounds of its step time over the plain step's
+    in the same round."""
     from lightning_lrcnn import to_row_centric
     from lightning_lrcnn.convert import plan_for
     from lightning_lrcnn.estimate import estimate, estimate_plain
-    from lightning_lrcnn.memory import measure, time_call
+    from lightning_lrcnn.memory import measure
 
     label, make, bn = NETWORKS[key]
     torch.manual_seed(0)
@@ -119,12 +124,19 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
                 m.eval()
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     base = {"key": key, "network": label, "batchnorm": bn, "size": size, "batch": 1}
-    records: list[dict[str, Any]] = []
-    reference: dict[str, torch.Tensor] = {}
-    plain_rec: dict[str, Any] = {}
+    records: dict[str, dict[str, Any]] = {}
+    models: dict[str, nn.Module] = {}
+
+    def step(model: nn.Module) -> float:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # stochastic depth and dropout draw the same numbers in every method
+        started = time.perf_counter()
+        _loss(model(x)).backward()
+        return time.perf_counter() - started
+
     for method in ["plain", *methods]:
         started = time.perf_counter()
-        rec = {**base, "method": method}
+        rec = records[method] = {**base, "method": method}
         try:
             model = plain if method == "plain" else copy.deepcopy(plain)
             if method != "plain":
@@ -134,28 +146,27 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
                 rec["estimate_bytes"] = estimate(plan).peak_bytes
                 rec["estimate_plain_bytes"] = estimate_plain(plan)
                 rec["ran_plain"] = plan.plain_reason
-
-            def step(model: nn.Module = model) -> None:
-                model.zero_grad(set_to_none=True)
-                torch.manual_seed(0)  # stochastic depth and dropout draw the same numbers in every method
-                _loss(model(x)).backward()
-
-            step()  # warm-up: plans, caches
-            rec["seconds"] = time_call(step, "cpu", repeats)
-            rec["peak_bytes"] = measure(step).peak_bytes
-            grads = _grads(model)
-            if method == "plain":
-                reference, plain_rec = grads, rec
-            rec["grad_error"] = _grad_error(reference, grads)
-            if plain_rec:
-                rec["peak_ratio"] = rec["peak_bytes"] / plain_rec["peak_bytes"]
-                rec["time_ratio"] = rec["seconds"] / plain_rec["seconds"]
+            step(model)  # warm-up: plans, caches
+            rec["peak_bytes"] = measure(lambda m=model: step(m)).peak_bytes
+            models[method] = model
         except Exception as exc:  # a network that cannot run is reported, not fatal
             rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         rec["wall_s"] = round(time.perf_counter() - started, 1)
-        records.append(rec)
+    times: dict[str, list[float]] = {method: [] for method in models}
+    for _ in range(repeats):
+        for method, model in models.items():
+            times[method].append(step(model))
+    reference = _grads(models["plain"]) if "plain" in models else {}
+    for method, model in models.items():
+        rec = records[method]
+        rec["seconds"] = statistics.median(times[method])
+        rec["grad_error"] = _grad_error(reference, _grads(model))
+        if "plain" in models:
+            rec["peak_ratio"] = rec["peak_bytes"] / records["plain"]["peak_bytes"]
+            rec["time_ratio"] = statistics.median(t / p for t, p in zip(times[method], times["plain"]))
+    for rec in records.values():
         print(json.dumps(rec), flush=True)
-    return records
+    return list(records.values())
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -254,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated keys (default all: {', '.join(NETWORKS)})")
     parser.add_argument("--size", type=int, default=1024, help="image side (default 1024)")
     parser.add_argument("--methods", default="2ps:16,overl:16", help="comma-separated mode:rows")
-    parser.add_argument("--repeats", type=int, default=1, help="timed steps per method (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of timed steps, every method once per round")
     parser.add_argument("--render", action="store_true", help="only rebuild docs from docs/backbones.jsonl")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
