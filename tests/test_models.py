@@ -103,7 +103,6 @@ def test_regnet_squeeze_excitation_blocks_stream_and_merge() -> None:
 
     import torch
 
-    from lightning_lrcnn import to_row_centric
     from lightning_lrcnn.convert import plan_for
     from lightning_lrcnn.estimate import estimate
     from lightning_lrcnn.memory import measure
