@@ -7,7 +7,7 @@ time as ratios to the plain model measured in the same process, the planner's es
 difference, and whether the plan ran plain (and why). Records are appended to ``docs/backbones.jsonl``;
 ``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the latest run of each network.
 
-    python scripts/backbones.py                       # every network, 1024x1024 (about 40 min on 2 CPU cores)
+    python scripts/backbones.py                       # every network, 1024x1024 (about 20 min on 2 CPU cores)
     python scripts/backbones.py --only tv_resnet50_train --size 512
     python scripts/backbones.py --render              # only rebuild the table and plot
 """
@@ -192,7 +192,9 @@ def render(records: list[dict[str, Any]]) -> None:
              f"One training step (`y.pow(2).mean()` loss, batch 1, fp32) per network and method, measured by "
              f"`scripts/bench.py`'s sibling `scripts/backbones.py`, each network in its own process, on "
              f"{first['device_name']} (torch {first['torch']}). Peak: live tensor bytes of the step; each cell is "
-             "`peak / plain @ time / plain` against the plain model measured in the same process. `plain` means the "
+             "`peak / plain @ time / plain` against the plain model measured in the same process (steps timed in rounds, "
+             "every method once per round; the time ratio is the median over rounds of the step time over the plain "
+             "step of the same round). `plain` means the "
              "plan was not estimated below the plain model, so the network ran as usual. BatchNorm: `frozen` = "
              "eval-mode statistics (`batchnorm=\"freeze\"`), `train` = exact train-mode statistics "
              "(`batchnorm=\"exact\"`, the default). `grad err`: the largest parameter-gradient difference to the plain "
