@@ -390,14 +390,16 @@ def _cut(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | Str
 
 
 def _segments(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, band_bytes: int,
-              static: dict[fx.Node, Any], param_grads: dict[fx.Node, int]) -> list[Segment]:
-    """Cut a region into segments where the estimated peak memory does not rise (a cut also ends halo work)."""
+              static: dict[fx.Node, Any], param_grads: dict[fx.Node, int], cut_whole: bool) -> list[Segment]:
+    """Cut a region into segments where the estimated peak memory does not rise (a cut also ends halo work).
+    ``cut_whole``: also cut a part that is one band (its bytes under ``band_bytes``): smaller transients, but
+    every cut materialises a value, and the pieces may end up kept plain (see :func:`build_plan`)."""
     whole = [_segment(nodes, rules, mode, band_bytes, static)]
-    if len(nodes) < 2:
+    if len(nodes) < 2 or (len(whole[0].bands) < 2 and not cut_whole):
         return whole
     split = _best_split(nodes, static)
-    parts = (_segments(nodes[:split], rules, mode, band_bytes, static, param_grads)
-             + _segments(nodes[split:], rules, mode, band_bytes, static, param_grads))
+    parts = (_segments(nodes[:split], rules, mode, band_bytes, static, param_grads, cut_whole)
+             + _segments(nodes[split:], rules, mode, band_bytes, static, param_grads, cut_whole))
     too_much_halo = mode == "overl" and whole[0].overlap > MAX_OVERLAP
     if too_much_halo or segments_peak(parts, param_grads) <= segments_peak(whole, param_grads):
         return parts
@@ -482,15 +484,24 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     static = _static_nodes(graph)
     rules = _row_local_rules(graph, root, batchnorm, static)
     _sink_row_local_nodes(graph, rules)
-    steps: list[Step] = []
-    region_of: dict[fx.Node, list[Segment]] = {}
     param_grads = _param_grads(graph, root)
     regions = _regions(graph, rules, static)
-    band_bytes = max((sum(_full_bytes(v) for v in region) for region in regions), default=0) // rows
-    for region in regions:
-        region_of[region[0]] = _segments(region, rules, mode, max(1, band_bytes), static, param_grads)
+    band_bytes = max(1, max((sum(_full_bytes(v) for v in region) for region in regions), default=0) // rows)
+    # whether to cut regions down to pieces of one band is decided on the finished plans' estimates
+    plans = [_plan_regions(graph, root, regions, rules, static, param_grads, mode, band_bytes, cut_whole)
+             for cut_whole in (True, False)]
+    return min(plans, key=lambda plan: estimate(plan).peak_bytes)
+
+
+def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]], rules: dict[fx.Node, NodeRule],
+                  static: dict[fx.Node, Any], param_grads: dict[fx.Node, int], mode: str, band_bytes: int,
+                  cut_whole: bool) -> Plan:
+    """Regions -> segments (some kept plain) -> a plan, its peak relieved and statistics streamed."""
+    region_of = {region[0]: _segments(region, rules, mode, band_bytes, static, param_grads, cut_whole)
+                 for region in regions}
     _keep_small_segments([s for segs in region_of.values() for s in segs], param_grads)
     covered = {v for segs in region_of.values() for s in segs for v in s.nodes}
+    steps: list[Step] = []
     for node in graph.nodes:
         if node in region_of:
             steps.extend(region_of[node])
