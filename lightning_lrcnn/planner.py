@@ -283,13 +283,14 @@ class _SegmentGeometry:
         return done / max(once, 1) - 1.0
 
 
-def _outputs(nodes: Sequence[fx.Node], static: dict[fx.Node, Any]) -> list[fx.Node]:
+def _outputs(nodes: Sequence[fx.Node], static: dict[fx.Node, Any],
+             streamed: set[fx.Node] | frozenset[fx.Node] = frozenset()) -> list[fx.Node]:
     """Nodes read outside ``nodes`` (shape queries excepted), and nodes nothing reads (a module whose result a
     network drops still runs, as in the plain model: train-mode BatchNorm updates its statistics): they are
-    materialised in full."""
+    materialised in full. Reads by ``streamed`` statistics do not count: their prefix recomputes what they read."""
     inside = set(nodes)
     readers = {v: [u for u in v.users if u not in static] for v in nodes}
-    return [v for v in nodes if not readers[v] or any(u not in inside for u in readers[v])]
+    return [v for v in nodes if not readers[v] or any(u not in inside and u not in streamed for u in readers[v])]
 
 
 def band_count(band_bytes: int, segment_bytes: int, output_height: int) -> int:
@@ -521,19 +522,11 @@ def _drop_streamed_inputs(plan: Plan) -> None:
     recomputes it): a segment cut before the statistics were streamed may still list it."""
     streamed = {s.stats for s in plan.steps if isinstance(s, Streamed)}
     for s in plan.segments:
-        outputs = _materialised(s.nodes, plan.static, streamed)
+        outputs = _outputs(s.nodes, plan.static, streamed)
         if s.recompute and outputs and len(outputs) < len(s.outputs):
             s.outputs = outputs
             _band(s, len(s.bands))
     plan.free_after = _free_after(plan.graph, plan.steps)
-
-
-def _materialised(nodes: Sequence[fx.Node], static: dict[fx.Node, Any], streamed: set[fx.Node]) -> list[fx.Node]:
-    """The segment outputs of ``nodes`` (:func:`_outputs`) where the ``streamed`` statistics' reads do not count:
-    their prefix recomputes what they read."""
-    inside = set(nodes)
-    readers = {v: [u for u in v.users if u not in static] for v in nodes}
-    return [v for v in nodes if not readers[v] or any(u not in inside and u not in streamed for u in readers[v])]
 
 
 def _merge_lone_nodes(plan: Plan) -> None:
@@ -541,6 +534,7 @@ def _merge_lone_nodes(plan: Plan) -> None:
     streamed around it) into the recomputed segment just before it where that reads one of its outputs, keeping
     the merge where the estimated peak does not rise: the value between them is then never materialised."""
     peak = estimate(plan).peak_bytes
+    streamed = {s.stats for s in plan.steps if isinstance(s, Streamed)}
     i = 1
     while i < len(plan.steps):
         before, lone = plan.steps[i - 1], plan.steps[i]
@@ -550,8 +544,7 @@ def _merge_lone_nodes(plan: Plan) -> None:
             i += 1
             continue
         nodes = [*before.nodes, *lone.nodes]
-        streamed = {s.stats for s in plan.steps if isinstance(s, Streamed)}
-        merged = Segment(nodes, {**before.rules, **lone.rules}, _materialised(nodes, plan.static, streamed), before.mode)
+        merged = Segment(nodes, {**before.rules, **lone.rules}, _outputs(nodes, plan.static, streamed), before.mode)
         _band(merged, max(len(before.bands), len(lone.bands)))
         trial = Plan([*plan.steps[: i - 1], merged, *plan.steps[i + 1 :]], plan.static, [], plan.graph,
                      plan.param_grads)
@@ -652,7 +645,7 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
     order = {v: i for i, v in enumerate(plan.graph.nodes)}
     merged = _unbanded(sorted({*prefix_nodes, *seg_b.nodes}, key=order.__getitem__), rules, seg_b.mode, plan.static)
     streamed = {stats} | {s.stats for s in steps if isinstance(s, Streamed)}
-    merged.outputs = [o for o in _materialised(merged.nodes, plan.static, streamed) if o not in kept]
+    merged.outputs = [o for o in _outputs(merged.nodes, plan.static, streamed) if o not in kept]
     _band(merged, len(seg_b.bands))
     new: list[Step] = []
     for step in steps:
@@ -660,7 +653,7 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
             needed = {v for o in kept for v in _ancestors(seg_a.nodes, o)}
             rest = [v for v in seg_a.nodes if v in needed]
             part = _unbanded(rest, seg_a.rules, seg_a.mode, plan.static)
-            part.outputs = _materialised(rest, plan.static, streamed)
+            part.outputs = _outputs(rest, plan.static, streamed)
             _band(part, len(seg_a.bands))
             new.append(part)
         elif step is stats:
