@@ -113,7 +113,7 @@ def _grad_error(ref: list[torch.Tensor | None], got: list[torch.Tensor | None]) 
 def run_config(model_name: str, size: int, batch: int, methods: list[str], device: torch.device, repeats: int,
                auto_budget: float) -> list[dict[str, Any]]:
     plain = build(model_name).to(device)
-    x = torch.randn(batch, 3, size, size, device=device, generator=torch.Generator().manual_seed(1)).to(device)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     records: list[dict[str, Any]] = []
     base: dict[str, Any] = {}
     ref_grads: list[torch.Tensor | None] = []
@@ -193,7 +193,8 @@ def render(records: list[dict[str, Any]]) -> None:
              "analytic estimate; `grad err` the largest gradient difference relative to the plain model's.", ""]
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["device_name"], r["model"], r["size"], r["batch"], r["date"]), []).append(r)
+        device = r["device_name"] + (f", {r['precision']}" if "precision" in r else "")
+        groups.setdefault((device, r["model"], r["size"], r["batch"], r["date"]), []).append(r)
     for (device, model, size, batch, date), rows in groups.items():
         lines += [f"## {model}, {size}x{size}, batch {batch} — {device} ({date}, torch {rows[0]['torch']})", ""]
         if rows[0].get("note"):
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         meta = {"device_name": name, "torch": torch.__version__,
                 "date": datetime.datetime.now().isoformat(timespec="minutes")}
+        if device.type == "cuda":
+            meta["precision"] = "TF32 convolutions (PyTorch default)" if torch.backends.cudnn.allow_tf32 \
+                else "fp32 (TF32 off)"
         for size in (int(s) for s in args.sizes.split(",")):
             for rec in run_config(args.model, size, args.batch, methods, device, args.repeats, args.auto_budget):
                 with store.open("a") as f:

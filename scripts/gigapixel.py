@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method, "date": time.strftime("%Y-%m-%dT%H:%M"), "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"}
+    if device.type == "cuda":
+        record["precision"] = "TF32 convolutions (PyTorch default)" if torch.backends.cudnn.allow_tf32 \
+            else "fp32 (TF32 off)"
     if args.check:
         record["check_side"], record["check_grad_error"] = args.check, check(args.method, args.check, device)
         print(f"[gigapixel] exactness at {args.check}: gradient error {record['check_grad_error']:.1e}", flush=True)
