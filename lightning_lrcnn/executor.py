@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
-from .norms import batch_statistics, update_running_statistics
+from .norms import update_running_statistics
 from .plan import Band, Plan, Segment, Streamed
 from .rules import recomputing, row_dim
 from .trace import fetch_attr
@@ -99,6 +99,10 @@ class _Anchors:
             else:
                 self.made[node] = (x, None)
         return self.made[node]
+
+    def free(self, node: fx.Node) -> None:
+        """``node`` is freed: no later reader gets its anchor."""
+        self.made.pop(node, None)
 
 
 def _band_inputs(segment: Segment, env: dict[fx.Node, Any], anchors: _Anchors) -> Iterator[list[Tensor]]:
@@ -312,7 +316,7 @@ class _PrefixRun:
         def load(v: Any) -> Any:
             return static[v] if v in static else env[v]
 
-        if step.stats.target is batch_statistics:
+        if step.batch_norm:
             args: Any = fx.node.map_arg(step.stats.args[1:], load)
             self.running_mean, self.running_var, self.tracked, self.momentum, self.eps = args
 
@@ -407,7 +411,7 @@ class _StreamedMean(torch.autograd.Function):
 def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
                   progress: Progress, index: int, anchors: _Anchors) -> None:
     run = _PrefixRun(step, env, static, root, progress, index, anchors)
-    if step.stats.target is not batch_statistics:
+    if not step.batch_norm:
         env[step.stats] = _StreamedMean.apply(run, *run.inputs())
         return
     mean, rstd = _StreamedStatistics.apply(run, *run.inputs())
@@ -456,5 +460,5 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
             env[step] = _run_node(step, env, plan.static, root)
         for n in frees:
             env.pop(n, None)
-            anchors.made.pop(n, None)
+            anchors.free(n)
     return result

@@ -12,6 +12,7 @@ from typing import Any
 from torch import fx
 
 from .geometry import RowInterval
+from .norms import batch_statistics
 from .rules import NodeRule, row_dim
 
 __all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "describe", "row_bytes", "step_nodes", "step_reads",
@@ -57,6 +58,11 @@ class Streamed:
     stats: fx.Node  # the batch_statistics node, or a mean over the image (a squeeze-excitation squeeze)
     outputs: list[fx.Node]  # what the step sets: the statistics' getitem readers (mean, rstd), or the mean
     prefix: Segment  # OverL bands whose one output is ``stats``' input
+
+    @property
+    def batch_norm(self) -> bool:
+        """Train-mode BatchNorm statistics (mean and rstd), not a mean over the image."""
+        return self.stats.target is batch_statistics
 
     @property
     def nodes(self) -> list[fx.Node]:

@@ -21,7 +21,7 @@ from .geometry import RowInterval
 from .mutation import make_writes_explicit
 from .norms import batch_statistics
 from .plan import Band, Plan, Segment, Step, Streamed, row_bytes, step_outputs, step_reads
-from .rules import NodeRule, concrete, moved_row_dim, row_dim, rule_for
+from .rules import NodeRule, concrete, is_4d, moved_row_dim, row_dim, rule_for
 from .trace import fetch_attr
 
 __all__ = ["MODES", "band_count", "build_plan", "plain_plan"]
@@ -71,11 +71,11 @@ def _set_row_dims(graph: fx.Graph) -> None:
     (channels-last LayerNorm, Linear, pointwise ops: same shape but perhaps the last axis)."""
     for node in graph.nodes:
         node.meta.pop("row_dim", None)
-        if node.op == "placeholder" or not _is_4d(node):
+        if node.op == "placeholder" or not is_4d(node.meta.get("val")):
             continue
-        inputs = [u for u in node.all_input_nodes if _is_4d(u)]
+        inputs = [u for u in node.all_input_nodes if is_4d(u.meta.get("val"))]
         first = node.args[0] if node.args else None
-        if isinstance(first, fx.Node) and _is_4d(first):
+        if isinstance(first, fx.Node) and is_4d(first.meta.get("val")):
             moved = moved_row_dim(node, row_dim(first))
             if moved is not None:
                 node.meta["row_dim"] = moved
@@ -86,11 +86,6 @@ def _set_row_dims(graph: fx.Graph) -> None:
             if r != 2 and r < 3 and u.meta["val"].shape[:3] == shape[:3]:
                 node.meta["row_dim"] = r
                 break
-
-
-def _is_4d(node: fx.Node) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, Tensor) and value.dim() == 4
 
 
 def _row_local_rules(graph: fx.Graph, root: nn.Module, batchnorm: str,
@@ -307,8 +302,14 @@ def _segment(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, ba
     return segment
 
 
-def _unbanded(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, static: dict[fx.Node, Any]) -> Segment:
-    return Segment(nodes, {v: rules[v] for v in nodes}, _outputs(nodes, static), mode)
+def _unbanded(nodes: list[fx.Node], rules: dict[fx.Node, NodeRule], mode: str, static: dict[fx.Node, Any],
+              streamed: set[fx.Node] | frozenset[fx.Node] = frozenset()) -> Segment:
+    return Segment(nodes, {v: rules[v] for v in nodes}, _outputs(nodes, static, streamed), mode)
+
+
+def _streamed_stats(plan: Plan) -> set[fx.Node]:
+    """The statistics nodes ``plan`` streams (their reads recompute, see :func:`_outputs`)."""
+    return {s.stats for s in plan.steps if isinstance(s, Streamed)}
 
 
 def _output_rows(segment: Segment) -> int:
@@ -376,7 +377,8 @@ def _cut(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | Str
         return None
     split = _best_split(s.nodes, plan.static)
     count = len(s.bands) + max(1, len(s.bands) // 4)
-    parts = [_unbanded(nodes, s.rules, s.mode, plan.static) for nodes in (s.nodes[:split], s.nodes[split:])]
+    streamed = _streamed_stats(plan)
+    parts = [_unbanded(nodes, s.rules, s.mode, plan.static, streamed) for nodes in (s.nodes[:split], s.nodes[split:])]
     for part in parts:
         _band(part, count)
     _keep_small_segments(parts, plan.param_grads)
@@ -511,22 +513,9 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
     plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
     _relieve_peak(plan)
     _stream_statistics(plan, root)
-    _drop_streamed_inputs(plan)
     _merge_lone_nodes(plan)
     _relieve_peak(plan)  # streaming moved the peak
     return plan
-
-
-def _drop_streamed_inputs(plan: Plan) -> None:
-    """A segment does not materialise a value that only streamed statistics read outside it (their prefix
-    recomputes it): a segment cut before the statistics were streamed may still list it."""
-    streamed = {s.stats for s in plan.steps if isinstance(s, Streamed)}
-    for s in plan.segments:
-        outputs = _outputs(s.nodes, plan.static, streamed)
-        if s.recompute and outputs and len(outputs) < len(s.outputs):
-            s.outputs = outputs
-            _band(s, len(s.bands))
-    plan.free_after = _free_after(plan.graph, plan.steps)
 
 
 def _merge_lone_nodes(plan: Plan) -> None:
@@ -534,7 +523,7 @@ def _merge_lone_nodes(plan: Plan) -> None:
     streamed around it) into the recomputed segment just before it where that reads one of its outputs, keeping
     the merge where the estimated peak does not rise: the value between them is then never materialised."""
     peak = estimate(plan).peak_bytes
-    streamed = {s.stats for s in plan.steps if isinstance(s, Streamed)}
+    streamed = _streamed_stats(plan)
     i = 1
     while i < len(plan.steps):
         before, lone = plan.steps[i - 1], plan.steps[i]
@@ -643,17 +632,17 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
     prefix.outputs = [x]
     _band(prefix, len(seg_a.bands))
     order = {v: i for i, v in enumerate(plan.graph.nodes)}
-    merged = _unbanded(sorted({*prefix_nodes, *seg_b.nodes}, key=order.__getitem__), rules, seg_b.mode, plan.static)
-    streamed = {stats} | {s.stats for s in steps if isinstance(s, Streamed)}
-    merged.outputs = [o for o in _outputs(merged.nodes, plan.static, streamed) if o not in kept]
+    streamed = {stats} | _streamed_stats(plan)
+    merged = _unbanded(sorted({*prefix_nodes, *seg_b.nodes}, key=order.__getitem__), rules, seg_b.mode, plan.static,
+                       streamed)
+    merged.outputs = [o for o in merged.outputs if o not in kept]
     _band(merged, len(seg_b.bands))
     new: list[Step] = []
     for step in steps:
         if step is seg_a and kept:  # its other outputs: only the nodes they need
             needed = {v for o in kept for v in _ancestors(seg_a.nodes, o)}
             rest = [v for v in seg_a.nodes if v in needed]
-            part = _unbanded(rest, seg_a.rules, seg_a.mode, plan.static)
-            part.outputs = _outputs(rest, plan.static, streamed)
+            part = _unbanded(rest, seg_a.rules, seg_a.mode, plan.static, streamed)
             _band(part, len(seg_a.bands))
             new.append(part)
         elif step is stats:

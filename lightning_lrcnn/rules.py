@@ -22,7 +22,7 @@ from torch import Tensor, fx, nn
 from .geometry import RowInterval, same_padding, split_padding, transposed_input_rows, window_input_rows
 from .norms import normalize
 
-__all__ = ["RowRule", "NodeRule", "rule_for", "row_dim", "moved_row_dim", "BATCHNORM_POLICIES", "recomputing",
+__all__ = ["RowRule", "NodeRule", "rule_for", "is_4d", "row_dim", "moved_row_dim", "BATCHNORM_POLICIES", "recomputing",
            "concrete"]
 
 BATCHNORM_POLICIES = ("exact", "freeze", "per_band")
@@ -137,7 +137,8 @@ def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
-def _is_4d(value: Any) -> bool:
+def is_4d(value: Any) -> bool:
+    """Whether ``value`` is a 4-D tensor (an image batch, or a node's ``meta["val"]``)."""
     return isinstance(value, Tensor) and value.dim() == 4
 
 
@@ -236,7 +237,7 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 def _conv_function(node: fx.Node, in_height: int) -> RowRule | None:
     b = _bind_node(_CONV_ARGS, node)
     weight = _val(b["weight"])
-    if not _is_4d(weight):
+    if not is_4d(weight):
         return None
 
     def run_conv(x: Tensor, padding: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -512,7 +513,7 @@ def _function_rule(node: fx.Node, in_value: Tensor, out_value: Tensor, in_height
     if fn in (F.conv_transpose2d, torch.conv_transpose2d):
         b = _bind_node(_CONVT_ARGS, node)
         weight = _val(b["weight"])
-        if not _is_4d(weight):
+        if not is_4d(weight):
             return None
         return _conv_transpose_rule(
             in_height, weight.shape[2], b.get("stride", 1), b.get("padding", 0), b.get("output_padding", 0),
@@ -600,13 +601,13 @@ def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:
     """The row rule of ``node`` (shapes in ``node.meta["val"]``, row axes in ``["row_dim"]``), or None when the
     node is global."""
     out_value = _val(node)
-    if node.op not in ("call_module", "call_function", "call_method") or not _is_4d(out_value):
+    if node.op not in ("call_module", "call_function", "call_method") or not is_4d(out_value):
         return None
     dim = row_dim(node)
     out_height = out_value.shape[dim]
     first = node.args[0] if node.args else node.kwargs.get("input")
     if node.op == "call_module" or node.target in (*_WINDOW_FUNCTIONS, F.layer_norm, F.linear):
-        if not isinstance(first, fx.Node) or not _is_4d(_val(first)) or row_dim(first) != dim:
+        if not isinstance(first, fx.Node) or not is_4d(_val(first)) or row_dim(first) != dim:
             return None
         in_value = _val(first)
         if node.op == "call_module":
@@ -616,7 +617,7 @@ def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:
         else:
             rule = _function_rule(node, in_value, out_value) if dim == 2 else None
         return None if rule is None else NodeRule(rule, frozenset([first]))
-    moved = moved_row_dim(node, row_dim(first)) if isinstance(first, fx.Node) and _is_4d(_val(first)) else None
+    moved = moved_row_dim(node, row_dim(first)) if isinstance(first, fx.Node) and is_4d(_val(first)) else None
     if moved is not None:
         if moved != dim:
             return None
@@ -624,7 +625,7 @@ def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:
     # elementwise family: every 4-D input with the output's rows is row-indexed; the others must broadcast
     # along the rows (no axis aligned with the output's row axis, or one of size 1)
     rows = frozenset(n for n in _tensor_inputs(node)
-                     if _is_4d(_val(n)) and row_dim(n) == dim and _val(n).shape[dim] == out_height)
+                     if is_4d(_val(n)) and row_dim(n) == dim and _val(n).shape[dim] == out_height)
     if not rows:
         return None
     for n in _tensor_inputs(node):
