@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
-from .norms import update_running_statistics
+from .norms import batch_statistics, update_running_statistics
 from .plan import Band, Plan, Segment, Streamed
 from .rules import recomputing, row_dim
 from .trace import fetch_attr
@@ -418,6 +418,19 @@ def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node,
     env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)
 
 
+def _run_statistics(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
+                    anchors: _Anchors) -> Any:
+    """Materialised BatchNorm statistics of a value that bands also read: their backward adds into the value's
+    one gradient sum, a few rows at a time, rather than making a second gradient of its size."""
+    x = node.args[0]
+    if not (isinstance(x, fx.Node) and isinstance(x.meta.get("val"), Tensor) and x.meta["val"].dim() == 4
+            and row_dim(x) == 2 and not node.kwargs):
+        return _run_node(node, env, static, root)
+    anchored, total = anchors.get(x, env[x])
+    args = fx.node.map_arg(node.args[1:], lambda v: static[v] if v in static else env[v])
+    return batch_statistics(anchored, *args, into=total)
+
+
 def _run_node(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> Any:
     def load(v: fx.Node) -> Any:
         return static[v] if v in static else env[v]
@@ -456,6 +469,8 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
             _run_streamed(step, env, plan.static, root, progress, index[id(step)], anchors)
         elif step.op == "output":
             result = _run_node(step, env, plan.static, root)
+        elif step.target is batch_statistics:
+            env[step] = _run_statistics(step, env, plan.static, root, anchors)
         else:
             env[step] = _run_node(step, env, plan.static, root)
         for n in frees:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .geometry import RowInterval
+
 __all__ = ["split_image_norms", "image_statistics", "batch_statistics", "normalize", "update_running_statistics"]
 
 
@@ -38,7 +40,7 @@ def image_statistics(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
     repeated per channel and shaped to broadcast over ``x``: ``(N, C, 1, ..., 1)``."""
     x = _as_float32(x)
     n, c = x.shape[:2]
-    var, mean = _VarMean.apply(x.reshape(n, groups, -1), (2,))
+    var, mean = _VarMean.apply(x.reshape(n, groups, -1), (2,), None)
     shape = (n, c) + (1,) * (x.dim() - 2)
     per_channel = c // groups
     return (mean.repeat_interleave(per_channel, 1).reshape(shape),
@@ -46,13 +48,19 @@ def image_statistics(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor
 
 
 def batch_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                     num_batches_tracked: Tensor | None, momentum: float | None, eps: float) -> tuple[Tensor, Tensor]:
+                     num_batches_tracked: Tensor | None, momentum: float | None, eps: float, *,
+                     into: Any = None) -> tuple[Tensor, Tensor]:
     """Per channel, the mean and ``1 / sqrt(var + eps)`` over N, H, W (biased variance), shaped ``(1, C, 1, 1)``
     (any input with channels in dimension 1);
     running statistics (when given) move as in train-mode ``nn.BatchNorm2d``: ``num_batches_tracked`` (when
-    given) counts the batch first, and ``momentum=None`` averages cumulatively."""
+    given) counts the batch first, and ``momentum=None`` averages cumulatively.
+
+    ``into``: a gradient sum of ``x`` (the executor's, where bands also read ``x``) that the backward adds
+    ``x``'s gradient into, a few rows at a time, instead of returning it as a new tensor of ``x``'s size."""
+    if into is not None and x.dtype != _as_float32(x).dtype:
+        into = None  # autocast: the float32 copy's gradient goes back through the cast
     x = _as_float32(x)
-    var, mean = _VarMean.apply(x, (0, *range(2, x.dim())))
+    var, mean = _VarMean.apply(x, (0, *range(2, x.dim())), into)
     update_running_statistics(running_mean, running_var, num_batches_tracked, momentum, mean, var,
                               x.numel() // x.shape[1])
     shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -79,24 +87,38 @@ def update_running_statistics(running_mean: Tensor | None, running_var: Tensor |
 
 class _VarMean(torch.autograd.Function):
     """``torch.var_mean(x, dims, correction=0)`` whose backward makes one tensor of ``x``'s size (the input
-    gradient, built in place) instead of several temporaries."""
+    gradient, built in place) instead of several temporaries; or, given ``into`` (a gradient sum with
+    ``add(rows, grad)`` and the row axis ``dim``), adds the gradient into it in slices of ``1 / SLICES`` of the
+    rows and returns none."""
+
+    SLICES = 16
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, dims: tuple[int, ...], into: Any) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         var, mean = torch.var_mean(x, dim=list(dims), correction=0)
         ctx.save_for_backward(x, mean)
-        ctx.dims, ctx.count = dims, x.numel() // max(1, mean.numel())
+        ctx.dims, ctx.count, ctx.into = dims, x.numel() // max(1, mean.numel()), into
         return var, mean
 
     @staticmethod
-    def backward(ctx: Any, grad_var: Tensor | None, grad_mean: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_var: Tensor | None, grad_mean: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         x, mean = ctx.saved_tensors
         shape = [1 if d in ctx.dims else s for d, s in enumerate(x.shape)]
-        grad = (x - mean.reshape(shape)).mul_((2.0 / ctx.count) * grad_var.reshape(shape)) if grad_var is not None \
-            else torch.zeros_like(x)
-        if grad_mean is not None:
-            grad.add_(grad_mean.reshape(shape) / ctx.count)
-        return grad, None
+        into, ctx.into = ctx.into, None
+
+        def grad_of(part: Tensor) -> Tensor:
+            grad = (part - mean.reshape(shape)).mul_((2.0 / ctx.count) * grad_var.reshape(shape)) \
+                if grad_var is not None else torch.zeros_like(part)
+            return grad.add_(grad_mean.reshape(shape) / ctx.count) if grad_mean is not None else grad
+
+        if into is None:
+            return grad_of(x), None, None
+        height = x.shape[into.dim]
+        step = -(-height // _VarMean.SLICES)
+        for start in range(0, height, step):
+            rows = RowInterval(start, min(height, start + step))
+            into.add(rows, grad_of(x.narrow(into.dim, start, len(rows))))
+        return None, None, None
 
 
 def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
