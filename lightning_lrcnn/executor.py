@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
-from .norms import batch_statistics, update_running_statistics
+from .norms import batch_statistics, image_statistics, update_running_statistics
 from .plan import Band, Plan, Segment, Streamed
 from .rules import recomputing, row_dim
 from .trace import fetch_attr
@@ -420,15 +420,16 @@ def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node,
 
 def _run_statistics(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
                     anchors: _Anchors) -> Any:
-    """Materialised BatchNorm statistics of a value that bands also read: their backward adds into the value's
-    one gradient sum, a few rows at a time, rather than making a second gradient of its size."""
+    """Statistics kept global (BatchNorm's, or GroupNorm's and InstanceNorm's per image) of a value that bands
+    also read: their backward adds into the value's one gradient sum, a slice of rows at a time, rather than
+    making a second gradient of its size."""
     x = node.args[0]
     if not (isinstance(x, fx.Node) and isinstance(x.meta.get("val"), Tensor) and x.meta["val"].dim() == 4
             and row_dim(x) == 2 and not node.kwargs):
         return _run_node(node, env, static, root)
     anchored, total = anchors.get(x, env[x])
     args = fx.node.map_arg(node.args[1:], lambda v: static[v] if v in static else env[v])
-    return batch_statistics(anchored, *args, into=total)
+    return node.target(anchored, *args, into=total)  # type: ignore[operator]
 
 
 def _run_node(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module) -> Any:
@@ -469,7 +470,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
             _run_streamed(step, env, plan.static, root, progress, index[id(step)], anchors)
         elif step.op == "output":
             result = _run_node(step, env, plan.static, root)
-        elif step.target is batch_statistics:
+        elif step.target in (batch_statistics, image_statistics):
             env[step] = _run_statistics(step, env, plan.static, root, anchors)
         else:
             env[step] = _run_node(step, env, plan.static, root)

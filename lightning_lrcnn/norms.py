@@ -35,12 +35,13 @@ def _as_float32(x: Tensor) -> Tensor:
     return x.float() if low and torch.is_autocast_enabled(x.device.type) else x
 
 
-def image_statistics(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+def image_statistics(x: Tensor, groups: int, eps: float, *, into: Any = None) -> tuple[Tensor, Tensor]:
     """Per sample and group, the mean and ``1 / sqrt(var + eps)`` over channels of the group and all pixels,
-    repeated per channel and shaped to broadcast over ``x``: ``(N, C, 1, ..., 1)``."""
-    x = _as_float32(x)
+    repeated per channel and shaped to broadcast over ``x``: ``(N, C, 1, ..., 1)``. ``into``: as in
+    :func:`batch_statistics`."""
+    into, x = _gradient_sum(x, into), _as_float32(x)
     n, c = x.shape[:2]
-    var, mean = _VarMean.apply(x.reshape(n, groups, -1), (2,), None)
+    var, mean = _VarMean.apply(x, groups, False, into)
     shape = (n, c) + (1,) * (x.dim() - 2)
     per_channel = c // groups
     return (mean.repeat_interleave(per_channel, 1).reshape(shape),
@@ -57,14 +58,18 @@ def batch_statistics(x: Tensor, running_mean: Tensor | None, running_var: Tensor
 
     ``into``: a gradient sum of ``x`` (the executor's, where bands also read ``x``) that the backward adds
     ``x``'s gradient into, a few rows at a time, instead of returning it as a new tensor of ``x``'s size."""
-    if into is not None and x.dtype != _as_float32(x).dtype:
-        into = None  # autocast: the float32 copy's gradient goes back through the cast
-    x = _as_float32(x)
-    var, mean = _VarMean.apply(x, (0, *range(2, x.dim())), into)
+    into, x = _gradient_sum(x, into), _as_float32(x)
+    var, mean = (t.reshape(-1) for t in _VarMean.apply(x, x.shape[1], True, into))
     update_running_statistics(running_mean, running_var, num_batches_tracked, momentum, mean, var,
                               x.numel() // x.shape[1])
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return mean.reshape(shape), torch.rsqrt(var + eps).reshape(shape)
+
+
+def _gradient_sum(x: Tensor, into: Any) -> Any:
+    """``into`` where the statistics' backward can add into it: not under autocast, whose float32 copy's
+    gradient must go back through the cast."""
+    return None if x.dtype != _as_float32(x).dtype else into
 
 
 def update_running_statistics(running_mean: Tensor | None, running_var: Tensor | None,
@@ -86,39 +91,44 @@ def update_running_statistics(running_mean: Tensor | None, running_var: Tensor |
 
 
 class _VarMean(torch.autograd.Function):
-    """``torch.var_mean(x, dims, correction=0)`` whose backward makes one tensor of ``x``'s size (the input
-    gradient, built in place) instead of several temporaries; or, given ``into`` (a gradient sum with
-    ``add(rows, grad)`` and the row axis ``dim``), adds the gradient into it in slices of ``1 / SLICES`` of the
-    rows and returns none."""
+    """``torch.var_mean(..., correction=0)`` of ``x`` (channels in dimension 1) per group of channels, per sample
+    or over the batch too (``over_batch``), shaped ``(N or 1, groups)``. Its backward makes one tensor of ``x``'s
+    size (the input gradient, built in place) instead of several temporaries; or, given ``into`` (a gradient sum
+    of ``x`` with ``add(rows, grad)`` and the row axis ``dim``), adds the gradient into it in slices of
+    ``1 / SLICES`` of the rows and returns none."""
 
     SLICES = 16
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, dims: tuple[int, ...], into: Any) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        var, mean = torch.var_mean(x, dim=list(dims), correction=0)
+    def forward(ctx: Any, x: Tensor, groups: int, over_batch: bool, into: Any) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        grouped = x.unflatten(1, (groups, -1))
+        dims = [d for d in range(grouped.dim()) if d != 1 and (over_batch or d != 0)]
+        var, mean = torch.var_mean(grouped, dim=dims, correction=0, keepdim=True)
         ctx.save_for_backward(x, mean)
-        ctx.dims, ctx.count, ctx.into = dims, x.numel() // max(1, mean.numel()), into
-        return var, mean
+        ctx.groups, ctx.count, ctx.into = groups, grouped.numel() // mean.numel(), into
+        return var.reshape(mean.shape[:2]), mean.reshape(mean.shape[:2])
 
     @staticmethod
-    def backward(ctx: Any, grad_var: Tensor | None, grad_mean: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_var: Tensor | None, grad_mean: Tensor | None) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         x, mean = ctx.saved_tensors
-        shape = [1 if d in ctx.dims else s for d, s in enumerate(x.shape)]
         into, ctx.into = ctx.into, None
 
         def grad_of(part: Tensor) -> Tensor:
-            grad = (part - mean.reshape(shape)).mul_((2.0 / ctx.count) * grad_var.reshape(shape)) \
-                if grad_var is not None else torch.zeros_like(part)
-            return grad.add_(grad_mean.reshape(shape) / ctx.count) if grad_mean is not None else grad
+            grouped = part.unflatten(1, (ctx.groups, -1))
+            grad = (grouped - mean).mul_((2.0 / ctx.count) * grad_var.reshape(mean.shape)) \
+                if grad_var is not None else torch.zeros_like(grouped)
+            if grad_mean is not None:
+                grad.add_(grad_mean.reshape(mean.shape) / ctx.count)
+            return grad.flatten(1, 2)
 
         if into is None:
-            return grad_of(x), None, None
+            return grad_of(x), None, None, None
         height = x.shape[into.dim]
         step = -(-height // _VarMean.SLICES)
         for start in range(0, height, step):
             rows = RowInterval(start, min(height, start + step))
             into.add(rows, grad_of(x.narrow(into.dim, start, len(rows))))
-        return None, None, None
+        return None, None, None, None
 
 
 def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

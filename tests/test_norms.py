@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import NormAct, assert_equivalent
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.convert import plan_for
@@ -392,3 +393,46 @@ def test_materialised_statistics_add_their_gradient_into_the_sum_of_the_rows_rea
     assert any(isinstance(s, fx.Node) and s.target is batch_statistics
                for s in plan_for(check.double().train(), torch.randn(1, 3, 256, 256, dtype=torch.float64)).steps)
     assert_equivalent(lambda: copy.deepcopy(small), (1, 3, 256, 256), mode="overl", rows=8, train=True)
+
+
+class _Allocations(TorchDispatchMode):
+    """The sizes in bytes of the tensors made inside the ``with`` block (views and in-place results excepted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["batch", "image"])
+def test_statistics_add_their_input_gradient_into_a_row_sum_a_slice_at_a_time(kind: str) -> None:
+    """Given the executor's gradient sum of their input (``into``), batch and per-image statistics add the input's
+    gradient into it a sixteenth of the rows at a time: the only input-sized tensor made in backward is the sum
+    itself. The gradient is autograd's (float64)."""
+    from lightning_lrcnn.executor import _Collect, _GradSum
+    from lightning_lrcnn.norms import image_statistics
+
+    def stats(t: torch.Tensor, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind == "batch":
+            return batch_statistics(t, None, None, None, 0.1, 1e-5, **kw)
+        return image_statistics(t, 4, 1e-5, **kw)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 64, 32, dtype=torch.float64, requires_grad=True)
+    mean, rstd = stats(x)
+    w, v = torch.randn_like(mean), torch.randn_like(rstd)
+    expected = torch.autograd.grad((mean * w).sum() + (rstd * v).sum(), x)[0]
+    total = _GradSum(x.shape, 2)
+    mean, rstd = stats(_Collect.apply(x, total), into=total)
+    with _Allocations() as made:
+        ((mean * w).sum() + (rstd * v).sum()).backward()
+    torch.testing.assert_close(x.grad, expected)
+    big = [s for s in made.sizes if s > x.numel() * x.element_size() // 8]
+    assert big == [x.numel() * x.element_size()], made.sizes
