@@ -122,3 +122,52 @@ def test_regnet_squeeze_excitation_blocks_stream_and_merge() -> None:
     model(x)
     measured = measure(lambda: model(x).square().mean().backward()).peak_bytes
     assert abs(estimate(plan_for(model, x)).peak_bytes / measured - 1) < 0.10
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_torchvision_segmentation_model_with_dict_outputs(mode: str) -> None:
+    """A whole torchvision segmentation model (DeepLabV3, MobileNetV3 backbone with dilated convolutions, ASPP's
+    global pooling branch, an auxiliary head, bilinear upsampling to the input size) returns a dict: both
+    outputs and every gradient match the plain model, and its stem convolution ran on bands."""
+    import copy
+
+    import torch
+    from conftest import ConvHeights
+
+    from lightning_lrcnn import to_row_centric
+
+    torch.manual_seed(0)
+    plain = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, aux_loss=True).double().eval()
+    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=4)
+    x = torch.randn(1, 3, 256, 256, dtype=torch.float64)
+    outs, grads, heights = [], [], []
+    for model in (plain, converted):
+        xi = x.clone().requires_grad_()
+        with ConvHeights(model) as seen:
+            out = model(xi)
+            (out["out"].square().mean() + out["aux"].sin().sum()).backward()
+        outs.append(out)
+        grads.append([xi.grad, *(p.grad for p in model.parameters())])
+        heights.append(seen.conv)
+    assert set(outs[1]) == {"out", "aux"}
+    for key in ("out", "aux"):
+        torch.testing.assert_close(outs[1][key], outs[0][key])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want)
+    assert max(heights[1].values()) < 256, heights[1]
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_inception_v3_asymmetric_kernels(mode: str) -> None:
+    """1×7 and 7×1 convolutions (rows and columns padded differently), 'valid' stride-2 reductions, four-branch
+    concatenations. Random initial weights without trained BatchNorm statistics let activations grow to about
+    1e12: float64 sums then differ by about 1e-14 of a tensor's largest value, and by up to 2e-7 in a few
+    cancelling elements, hence ``rtol=1e-6``."""
+    import torch
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return torchvision.models.inception_v3(aux_logits=False, init_weights=True)
+
+    assert_equivalent(make, (1, 3, 320, 320), mode=mode, rows=4, tallest=True, rtol=1e-6, atol=1e-7)
