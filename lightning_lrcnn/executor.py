@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .geometry import RowInterval
 from .norms import batch_statistics, image_statistics, update_running_statistics
 from .plan import Band, Plan, Segment, Streamed
-from .rules import recomputing, row_dim
+from .rules import is_4d, recomputing, row_dim
 from .trace import fetch_attr
 
 __all__ = ["run_plan", "Progress"]
@@ -424,8 +424,7 @@ def _run_statistics(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node
     also read: their backward adds into the value's one gradient sum, a slice of rows at a time, rather than
     making a second gradient of its size."""
     x = node.args[0]
-    if not (isinstance(x, fx.Node) and isinstance(x.meta.get("val"), Tensor) and x.meta["val"].dim() == 4
-            and row_dim(x) == 2 and not node.kwargs):
+    if not (isinstance(x, fx.Node) and is_4d(x.meta.get("val")) and row_dim(x) == 2 and not node.kwargs):
         return _run_node(node, env, static, root)
     anchored, total = anchors.get(x, env[x])
     args = fx.node.map_arg(node.args[1:], lambda v: static[v] if v in static else env[v])

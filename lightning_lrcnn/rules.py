@@ -22,8 +22,8 @@ from torch import Tensor, fx, nn
 from .geometry import RowInterval, same_padding, split_padding, transposed_input_rows, window_input_rows
 from .norms import normalize
 
-__all__ = ["RowRule", "NodeRule", "rule_for", "is_4d", "row_dim", "moved_row_dim", "BATCHNORM_POLICIES", "recomputing",
-           "concrete"]
+__all__ = ["RowRule", "NodeRule", "rule_for", "is_4d", "row_dim", "moved_row_dim", "BATCHNORM_POLICIES",
+           "recomputing", "concrete"]
 
 BATCHNORM_POLICIES = ("exact", "freeze", "per_band")
 
