@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import fx
 
-from .plan import Band, Plan, Segment, Streamed, row_bytes
+from .plan import Band, Plan, Segment, Streamed, gradient_cuts, row_bytes
 from .rules import row_dim
 
 __all__ = ["Estimate", "Breakdown", "estimate", "breakdown", "estimate_plain", "segment_peaks", "segments_peak"]
@@ -83,20 +84,43 @@ def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]
     """The plan's steps as costed units (a kept segment: its nodes) and their costs."""
     captured = {u for s in plan.segments if s.recompute for v in s.nodes for u in v.all_input_nodes}
     captured |= {u for s in plan.steps if isinstance(s, Streamed) for v in s.prefix.nodes for u in v.all_input_nodes}
+    cuts = gradient_cuts(plan)
     steps: list[Segment | Streamed | fx.Node] = []
     costs: list[_Cost] = []
     for step in plan.steps:
         if isinstance(step, Segment) and step.recompute:
             steps.append(step)
-            costs.append(_segment_cost(step, plan.param_grads, captured))
+            costs.append(_segment_cost(step, plan.param_grads, captured, frozen=_frozen(cuts, step)))
         elif isinstance(step, Streamed):
             steps.append(step)
-            costs.append(_segment_cost(step.prefix, plan.param_grads, captured, streamed=True))
+            costs.append(_segment_cost(step.prefix, plan.param_grads, captured, streamed=True,
+                                       frozen=_frozen(cuts, step.prefix)))
         else:
             for v in step.nodes if isinstance(step, Segment) else [step]:
                 steps.append(v)
                 costs.append(_node_cost(v, plan, captured))
-    return steps, _with_row_input_grads(steps, costs)
+    return steps, _with_cut_sums(steps, _with_row_input_grads(steps, costs), cuts)
+
+
+def _frozen(cuts: dict[int, Any], segment: Segment) -> frozenset[fx.Node]:
+    return cuts[id(segment)].frozen if id(segment) in cuts else frozenset()
+
+
+def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost],
+                   cuts: dict[int, Any]) -> list[_Cost]:
+    """Add each cut's gradient sum (of the streamed statistics' input, see ``plan.gradient_cuts``): alive in
+    backward from the last recomputation that adds into it to the statistics' own step."""
+    last: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        segment = step.prefix if isinstance(step, Streamed) else step
+        for s in cuts[id(segment)].at if isinstance(segment, Segment) and id(segment) in cuts else ():
+            last[id(s)] = i
+    extra = [0] * len(costs)
+    for first, step in enumerate(steps):
+        if isinstance(step, Streamed) and id(step) in last:
+            for i in range(first, last[id(step)] + 1):
+                extra[i] += _bytes(step.prefix.outputs[0])
+    return [replace(c, backward=c.backward + e) if e else c for c, e in zip(costs, extra)]
 
 
 def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost]) -> list[_Cost]:
@@ -196,9 +220,10 @@ def _band_rows(band: Band, node: fx.Node) -> int:
 
 
 def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: set[fx.Node],
-                  streamed: bool = False) -> _Cost:
+                  streamed: bool = False, frozen: frozenset[fx.Node] = frozenset()) -> _Cost:
     """A recomputed segment's cost; ``streamed``: the prefix of streamed statistics (its output is never
-    materialised, only reduced band by band; its parameter gradients are counted where the prefix runs again)."""
+    materialised, only reduced band by band; its parameter gradients are counted where the prefix runs again);
+    ``frozen``: nodes it recomputes without autograd (they save nothing and pass no gradient)."""
     outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs)
     held_outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
     held = held_outputs + sum(row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)
@@ -210,7 +235,7 @@ def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: s
     input_grads = 2 * sum(_bytes(u) for u in whole_inputs)
     band_fwd = band_bwd = 0
     for band in segment.bands:
-        costs = _band_costs(segment, band, inside)
+        costs = _band_costs(segment, band, inside, frozen)
         band_fwd = max(band_fwd, max((c.forward for c in costs), default=0))
         rows_in = sum(row_bytes(u) * len(rows) for u, rows in band.inputs if u in row_inputs)
         band_bwd = max(band_bwd, rows_in + _peak(costs))
@@ -225,16 +250,20 @@ def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: s
     return _Cost(held, forward, backward, grads, band_bwd)
 
 
-def _band_costs(segment: Segment, band: Band, inside: set[fx.Node]) -> list[_Cost]:
+def _band_costs(segment: Segment, band: Band, inside: set[fx.Node],
+                frozen: frozenset[fx.Node] = frozenset()) -> list[_Cost]:
     """One band's nodes as steps: what each saves when recomputed, makes in forward and passes in backward."""
     costs = []
     for v in segment.nodes:
         rows = _band_rows(band, v)
         if not rows:
             continue
+        made = row_bytes(v) * rows
+        if v in frozen:  # no autograd: its value lives until its readers ran (the band's largest transient)
+            costs.append(_Cost(0, made, 0, 0))
+            continue
         output, internal = _saved(v)
         saved = (row_bytes(v) * rows if output else 0) + internal * rows // max(1, v.meta["val"].shape[row_dim(v)])
-        made = row_bytes(v) * rows
         through = made + sum(row_bytes(u) * _band_rows(band, u) for u in v.all_input_nodes if u in inside)
         costs.append(_Cost(saved, made, through, 0))
     return costs

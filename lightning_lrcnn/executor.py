@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
 from .norms import batch_statistics, image_statistics, update_running_statistics
-from .plan import Band, Plan, Segment, Streamed
+from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts
 from .rules import is_4d, recomputing, row_dim
 from .trace import fetch_attr
 
@@ -81,6 +83,35 @@ class _Rows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
         ctx.total.add(ctx.rows, grad)
         return None, None, None
+
+
+@dataclass
+class _Cut:
+    """The sum of a streamed statistics' input gradient that later recomputations add into (see NOTE [ Gradient
+    cuts ] in :mod:`lightning_lrcnn.plan`), and the statistics' token that orders their backward before the
+    statistics' own."""
+
+    total: _GradSum
+    token: Tensor
+
+    def leaf(self) -> _Cut:
+        """The same sum with a detached token, for a backward pass run with ``torch.autograd.grad``."""
+        return _Cut(self.total, self.token.detach().requires_grad_())
+
+
+class _IntoCut(torch.autograd.Function):
+    """Rows of a streamed statistics' input, computed without autograd; backward adds their gradient into the
+    statistics' sum, and hands the token a zero so that the statistics' backward runs after this one."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, token: Tensor, rows: RowInterval, total: _GradSum) -> Tensor:  # type: ignore[override]
+        ctx.rows, ctx.total = rows, total
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None, None]:  # type: ignore[override]
+        ctx.total.add(ctx.rows, grad)
+        return None, grad.new_zeros(()), None, None
 
 
 class _Anchors:
@@ -149,6 +180,8 @@ class _BandRunner:
         self.segment, self.band, self.env, self.static, self.root = segment, band, env, static, root
         self.where = where  # (progress, segment index, band index)
         self.calls = 0
+        self.cuts: dict[fx.Node, _Cut] = {}  # statistics' inputs whose gradient goes into their sums
+        self.frozen: frozenset[fx.Node] = frozenset()  # computed without autograd: the prefixes of ``cuts``
 
     def __call__(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         progress, index, band = self.where
@@ -203,11 +236,15 @@ class _BandRunner:
             if out.empty:
                 continue
             split = self._split(node, out, held)
-            if out.start < split < out.stop:  # only the first rows read the boundary rows: join just those
-                result = torch.cat([compute(node, RowInterval(out.start, split)),
-                                    compute(node, RowInterval(split, out.stop))], dim=row_dim(node))
-            else:
-                result = compute(node, out)
+            with torch.no_grad() if node in self.frozen else contextlib.nullcontext():
+                if out.start < split < out.stop:  # only the first rows read the boundary rows: join just those
+                    result = torch.cat([compute(node, RowInterval(out.start, split)),
+                                        compute(node, RowInterval(split, out.stop))], dim=row_dim(node))
+                else:
+                    result = compute(node, out)
+            if node in self.cuts and self.cuts[node].token.requires_grad:
+                cut = self.cuts[node]
+                result = _IntoCut.apply(result, cut.token, out, cut.total)
             held.setdefault(node, []).append((result, out))
             if node in wanted:
                 outputs.append(fresh(value(node, wanted[node])))
@@ -246,7 +283,8 @@ class _BandRunner:
 
 
 def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                 progress: Progress, index: int, anchors: _Anchors) -> None:
+                 progress: Progress, index: int, anchors: _Anchors,
+                 cuts: tuple[dict[fx.Node, _Cut], frozenset[fx.Node]] = ({}, frozenset())) -> None:
     inside = set(segment.nodes)
     # the values read from outside, captured now: recomputation in backward runs after env has moved on
     outside = {v: env[v] for node in segment.nodes for v in node.all_input_nodes if v not in inside and v in env}
@@ -255,6 +293,7 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
     grad = torch.is_grad_enabled()
     for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside, anchors))):
         runner = _BandRunner(segment, band, outside, static, root, (progress, index, i))
+        runner.cuts, runner.frozen = cuts
         if grad and segment.recompute:
             result = checkpoint(runner, *carries, *inputs, use_reentrant=False)
         else:
@@ -274,17 +313,17 @@ class _StreamedStatistics(torch.autograd.Function):
     statistics' gradient, one band at a time."""
 
     @staticmethod
-    def forward(ctx: Any, run: _PrefixRun, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, run: _PrefixRun, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         count, mean, var = run.statistics()
         run.update_running(count, mean, var)
         rstd = torch.rsqrt(var + run.eps)
         ctx.run, ctx.count = run, count
         ctx.save_for_backward(mean, rstd)
         shape = (1, -1, 1, 1)
-        return mean.reshape(shape), rstd.reshape(shape)
+        return mean.reshape(shape), rstd.reshape(shape), mean.new_zeros(())  # the token of its cut
 
     @staticmethod
-    def backward(ctx: Any, grad_mean: Tensor | None, grad_rstd: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_rstd: Tensor | None, _: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         mean, rstd = ctx.saved_tensors
         shape = (1, -1, 1, 1)
         g_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.reshape(-1)
@@ -298,11 +337,16 @@ class _StreamedStatistics(torch.autograd.Function):
 
 
 class _PrefixRun:
-    """What streamed statistics need of their prefix: its bands, what it reads, the BatchNorm's buffers."""
+    """What streamed statistics need of their prefix: its bands, what it reads, the BatchNorm's buffers, the
+    cuts of earlier statistics it stops its backward at and its own (the sum later recomputations add into)."""
 
     def __init__(self, step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                 progress: Progress, index: int, anchors: _Anchors) -> None:
+                 progress: Progress, index: int, anchors: _Anchors,
+                 cuts: tuple[dict[fx.Node, _Cut], frozenset[fx.Node]] = ({}, frozenset())) -> None:
         self.prefix, self.static, self.root, self.where = step.prefix, static, root, (progress, index)
+        self.cuts, self.frozen = cuts
+        x = step.prefix.outputs[0]
+        self.into = _GradSum(x.meta["val"].shape, row_dim(x))  # its input's gradient from later recomputations
         inside = set(self.prefix.nodes)
         self.outside = {v: env[v] for node in self.prefix.nodes for v in node.all_input_nodes
                         if v not in inside and v in env}
@@ -322,10 +366,13 @@ class _PrefixRun:
 
     def inputs(self) -> list[Tensor]:
         """What autograd must route gradients to: the values read whole, the parameters, the row anchors."""
-        return [*(self.outside[v] for v in self.tensor_nodes), *self.params, *(a for a, _ in self.sums.values())]
+        return [*(self.outside[v] for v in self.tensor_nodes), *self.params, *(a for a, _ in self.sums.values()),
+                *(c.token for c in self.cuts.values())]
 
-    def band(self, i: int, env: dict[fx.Node, Any], grad: bool) -> tuple[Tensor, list[Tensor]]:
-        """Band ``i`` of the prefix output, and the input rows it read (leaves when ``grad``)."""
+    def band(self, i: int, env: dict[fx.Node, Any], grad: bool,
+             cuts: dict[fx.Node, _Cut] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Band ``i`` of the prefix output, and the input rows it read (leaves when ``grad``), stopping
+        autograd at ``cuts``."""
         band = self.prefix.bands[i]
         rows = [env[v].narrow(row_dim(v), r.start, len(r)) for v, r in band.inputs]
         if grad:
@@ -333,6 +380,8 @@ class _PrefixRun:
         progress, index = self.where
         runner = _BandRunner(self.prefix, band, env, self.static, self.root, (progress, index, i))
         runner.calls = 1 if grad else 0  # shown as backward in the progress lines
+        if cuts:
+            runner.cuts, runner.frozen = cuts, self.frozen
         return runner(*rows)[0], rows
 
     def statistics(self) -> tuple[int, Tensor, Tensor]:
@@ -365,14 +414,21 @@ class _PrefixRun:
         with torch.enable_grad():
             leaves = {v: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
                       for v, t in self.outside.items()}
+            cuts = {v: c.leaf() for v, c in self.cuts.items()}
+            tokens = [c.token for c in cuts.values()]
             whole: list[Any] = [None] * (len(self.tensor_nodes) + len(self.params))
+            out = self.prefix.outputs[0]
             for i, band in enumerate(self.prefix.bands):
-                x, rows = self.band(i, leaves, grad=True)
+                x, rows = self.band(i, leaves, grad=True, cuts=cuts)
                 wanted = [*rows, *(leaves[v] for v in self.tensor_nodes), *self.params]
                 needs = [t for t in wanted if t.requires_grad]
-                if not needs:
+                if not needs and not tokens:
                     continue
-                got = iter(torch.autograd.grad(x, needs, grad_of(x), allow_unused=True))
+                g = grad_of(x)
+                if self.into.total is not None:  # what later recomputations sent to these rows
+                    r = dict(band.outputs)[out]
+                    g = g + self.into.total.narrow(self.into.dim, r.start, len(r))
+                got = iter(torch.autograd.grad(x, [*needs, *tokens], g, allow_unused=True))
                 grads = [next(got) if t.requires_grad else None for t in wanted]
                 row_grads, rest = grads[: len(rows)], grads[len(rows):]
                 for (v, r), g in zip(band.inputs, row_grads):
@@ -382,7 +438,8 @@ class _PrefixRun:
                     if g is not None:
                         whole[k] = g if whole[k] is None else whole[k].add_(g)
                 del x, rows, grads, row_grads, rest
-        return [*whole, *(None for _ in self.sums)]
+        self.into.total = None
+        return [*whole, *(None for _ in self.sums), *(torch.zeros_like(c.token) for c in self.cuts.values())]
 
 
 class _StreamedMean(torch.autograd.Function):
@@ -390,7 +447,7 @@ class _StreamedMean(torch.autograd.Function):
     its gradient over each recomputed band (a view: nothing of the output's size is made)."""
 
     @staticmethod
-    def forward(ctx: Any, run: _PrefixRun, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, run: _PrefixRun, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         total: Any = None
         count, dtype = 0, torch.float32
         with torch.no_grad():
@@ -400,22 +457,37 @@ class _StreamedMean(torch.autograd.Function):
                 total = part if total is None else total + part
                 count, dtype = count + x.shape[2] * x.shape[3], x.dtype
         ctx.run, ctx.count = run, count
-        return (total / count).to(dtype)
+        mean = (total / count).to(dtype)
+        return mean, mean.new_zeros(())  # the token of its cut
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         run, ctx.run = ctx.run, None  # the graph outlives this call: what the prefix read must not
         return (None, *run.backward(lambda x: (grad / ctx.count).expand_as(x)))
 
 
 def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                  progress: Progress, index: int, anchors: _Anchors) -> None:
-    run = _PrefixRun(step, env, static, root, progress, index, anchors)
+                  progress: Progress, index: int, anchors: _Anchors,
+                  cuts: tuple[dict[fx.Node, _Cut], frozenset[fx.Node]]) -> _Cut:
+    """Run ``step``; returns its cut (the sum and token later recomputations stop their backward at)."""
+    run = _PrefixRun(step, env, static, root, progress, index, anchors, cuts)
     if not step.batch_norm:
-        env[step.stats] = _StreamedMean.apply(run, *run.inputs())
-        return
-    mean, rstd = _StreamedStatistics.apply(run, *run.inputs())
-    env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)
+        env[step.stats], token = _StreamedMean.apply(run, *run.inputs())
+    else:
+        mean, rstd, token = _StreamedStatistics.apply(run, *run.inputs())
+        env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)
+    return _Cut(run.into, token)
+
+
+def _cuts(segment: Segment, plan_cuts: dict[int, Cuts],
+          made: dict[int, _Cut]) -> tuple[dict[fx.Node, _Cut], frozenset[fx.Node]]:
+    """The cuts ``segment`` stops its backward at: all of the plan's, or none where a statistics needs no
+    gradient (or none is being recorded)."""
+    cuts = plan_cuts.get(id(segment))
+    if cuts is None or not torch.is_grad_enabled():
+        return {}, frozenset()
+    got = {s.prefix.outputs[0]: made[id(s)] for s in cuts.at if id(s) in made and made[id(s)].token.requires_grad}
+    return (got, cuts.frozen) if len(got) == len(cuts.at) else ({}, frozenset())
 
 
 def _run_statistics(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
@@ -462,11 +534,14 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     progress = Progress(len(banded))
     index = {id(s): i for i, s in enumerate(banded)}
     anchors = _Anchors()
+    plan_cuts, made = gradient_cuts(plan), {}  # type: dict[int, Cuts], dict[int, _Cut]
     for step, frees in zip(plan.steps, plan.free_after):
         if isinstance(step, Segment):
-            _run_segment(step, env, plan.static, root, progress, index[id(step)], anchors)
+            _run_segment(step, env, plan.static, root, progress, index[id(step)], anchors,
+                         _cuts(step, plan_cuts, made))
         elif isinstance(step, Streamed):
-            _run_streamed(step, env, plan.static, root, progress, index[id(step)], anchors)
+            made[id(step)] = _run_streamed(step, env, plan.static, root, progress, index[id(step)], anchors,
+                                           _cuts(step.prefix, plan_cuts, made))
         elif step.op == "output":
             result = _run_node(step, env, plan.static, root)
         elif step.target in (batch_statistics, image_statistics):

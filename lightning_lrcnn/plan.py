@@ -15,8 +15,8 @@ from .geometry import RowInterval
 from .norms import batch_statistics
 from .rules import NodeRule, row_dim
 
-__all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "describe", "row_bytes", "step_nodes", "step_reads",
-           "step_outputs"]
+__all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "Cuts", "gradient_cuts", "describe", "row_bytes",
+           "step_nodes", "step_reads", "step_outputs"]
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Streamed:
     stats: fx.Node  # the batch_statistics node, or a mean over the image (a squeeze-excitation squeeze)
     outputs: list[fx.Node]  # what the step sets: the statistics' getitem readers (mean, rstd), or the mean
     prefix: Segment  # OverL bands whose one output is ``stats``' input
+    cut: bool = False  # later recomputations of the prefix stop their backward at its input (gradient_cuts)
 
     @property
     def batch_norm(self) -> bool:
@@ -115,6 +116,47 @@ def step_outputs(step: Step) -> list[fx.Node]:
     return [step] if isinstance(step, fx.Node) else step.outputs
 
 
+@dataclass(frozen=True)
+class Cuts:
+    """Where a recomputed segment's backward stops (see :func:`gradient_cuts`)."""
+
+    at: tuple[Streamed, ...]  # streamed statistics whose input gradient the segment adds into their sum
+    frozen: frozenset[fx.Node]  # their prefixes' nodes: recomputed without autograd
+
+
+def gradient_cuts(plan: Plan) -> dict[int, Cuts]:
+    """Per recomputed segment (by ``id``; a streamed step's prefix included), the streamed statistics it can stop
+    its backward at.
+
+    # NOTE [ Gradient cuts ]
+    # A segment after streamed statistics recomputes their whole prefix to make the statistics' input ``x``
+    # (chained BatchNorms: a bottleneck's third statistics' prefix holds the first two's). Backpropagating
+    # through that prefix again would repeat what the statistics' own backward does anyway: it runs the prefix
+    # once more, band by band, for the statistics' gradient. So the segment computes the prefix without
+    # autograd and adds the gradient of ``x``'s rows into one sum of ``x``'s size, which the statistics'
+    # backward (run later: it waits for every reader) adds to its own gradient of ``x`` before its one pass
+    # through the prefix. Valid where the segment computes the whole prefix, reads nothing of it but ``x``,
+    # and leaves none of it to later steps. The sum costs ``x``'s bytes through part of backward: the planner
+    # sets ``Streamed.cut`` only where the estimated peak does not rise.
+    """
+    streamed: list[tuple[Streamed, fx.Node, set[fx.Node]]] = []  # the cut ones before this step
+    cuts: dict[int, Cuts] = {}
+    for step in plan.steps:
+        segment = step.prefix if isinstance(step, Streamed) else step
+        if streamed and isinstance(segment, Segment) and segment.recompute:
+            inside, leaves = set(segment.nodes), set(segment.outputs)
+            valid = [s for s, x, prefix in streamed
+                     if x in inside and prefix <= inside and not prefix & leaves
+                     and all(u in prefix for v in prefix - {x} for u in v.users if u in inside)]
+            top = tuple(s for s in valid
+                        if not any(s.prefix.outputs[0] in t.prefix.nodes for t in valid if t is not s))
+            if top:
+                cuts[id(segment)] = Cuts(top, frozenset(v for s in top for v in s.prefix.nodes))
+        if isinstance(step, Streamed) and step.cut:
+            streamed.append((step, step.prefix.outputs[0], set(step.prefix.nodes)))
+    return cuts
+
+
 def row_bytes(node: fx.Node) -> int:
     """Bytes of one row (all of N, C, W) of a node's 4-D output."""
     v = node.meta["val"]
@@ -131,6 +173,6 @@ def describe(plan: Plan) -> str:
             how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"
             lines.append(f"segment {s.name}: {len(s.nodes)} nodes, {how}, overlap {s.overlap:.2f}")
         elif isinstance(s, Streamed):
-            lines.append(f"statistics {s.name}: {len(s.prefix.bands)} bands")
+            lines.append(f"statistics {s.name}: {len(s.prefix.bands)} bands{', gradient cut' if s.cut else ''}")
     return "\n".join(lines) if lines else "no row-local region"
 
