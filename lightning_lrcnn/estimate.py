@@ -109,18 +109,21 @@ def _frozen(cuts: dict[int, Any], segment: Segment) -> frozenset[fx.Node]:
 def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost],
                    cuts: dict[int, Any]) -> list[_Cost]:
     """Add each cut's gradient sum (of the streamed statistics' input, see ``plan.gradient_cuts``): alive in
-    backward from the last recomputation that adds into it to the statistics' own step."""
+    backward from the last recomputation that adds into it to the statistics' own step; and, where the input is
+    kept through forward (``Streamed.keep``), the input itself in forward, from that step to the last reader."""
     last: dict[int, int] = {}
     for i, step in enumerate(steps):
         segment = step.prefix if isinstance(step, Streamed) else step
         for s in cuts[id(segment)].at if isinstance(segment, Segment) and id(segment) in cuts else ():
             last[id(s)] = i
-    extra = [0] * len(costs)
+    extra, kept = [0] * len(costs), [0] * len(costs)
     for first, step in enumerate(steps):
         if isinstance(step, Streamed) and id(step) in last:
             for i in range(first, last[id(step)] + 1):
                 extra[i] += _bytes(step.prefix.outputs[0])
-    return [replace(c, backward=c.backward + e) if e else c for c, e in zip(costs, extra)]
+                kept[i] += _bytes(step.prefix.outputs[0]) if step.keep else 0
+    return [replace(c, forward=c.forward + k, backward=c.backward + e) if e else c
+            for c, e, k in zip(costs, extra, kept)]
 
 
 def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost]) -> list[_Cost]:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,10 +93,27 @@ class _Cut:
 
     total: _GradSum
     token: Tensor
+    kept: Tensor | None = None  # the input itself, whole, while later steps run forward (``Streamed.keep``)
 
     def leaf(self) -> _Cut:
         """The same sum with a detached token, for a backward pass run with ``torch.autograd.grad``."""
         return _Cut(self.total, self.token.detach().requires_grad_())
+
+
+@dataclass
+class _SegmentCuts:
+    """What one segment (or prefix) does at the plan's cuts: the statistics' inputs whose gradient goes into
+    their sums, the nodes computed without autograd, and in forward the kept inputs it reads instead of
+    computing them (and what they are made of: ``skip``)."""
+
+    at: dict[fx.Node, _Cut] = field(default_factory=dict)
+    frozen: frozenset[fx.Node] = frozenset()
+    kept: dict[fx.Node, Tensor] = field(default_factory=dict)
+    skip: frozenset[fx.Node] = frozenset()
+
+    def leaves(self) -> _SegmentCuts:
+        """For a backward pass run with ``torch.autograd.grad``: detached tokens, nothing kept."""
+        return _SegmentCuts({v: c.leaf() for v, c in self.at.items()}, self.frozen)
 
 
 class _IntoCut(torch.autograd.Function):
@@ -180,8 +197,7 @@ class _BandRunner:
         self.segment, self.band, self.env, self.static, self.root = segment, band, env, static, root
         self.where = where  # (progress, segment index, band index)
         self.calls = 0
-        self.cuts: dict[fx.Node, _Cut] = {}  # statistics' inputs whose gradient goes into their sums
-        self.frozen: frozenset[fx.Node] = frozenset()  # computed without autograd: the prefixes of ``cuts``
+        self.cuts = _SegmentCuts()
 
     def __call__(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         progress, index, band = self.where
@@ -231,19 +247,25 @@ class _BandRunner:
         handed = dict(band.carry_out)
         # a node with no new rows in this band passes (part of) its incoming boundary rows straight on
         carries = {node: fresh(value(node, rows)) for node, rows in band.carry_out if band.rows[node].empty}
+        cuts = self.cuts
+        forward = self.calls == 1  # in recomputation (backward) nothing is kept: the prefix runs again
         for node in seg.nodes:
             out = band.rows[node]
-            if out.empty:
+            if out.empty or (forward and node in cuts.skip):
                 continue
-            split = self._split(node, out, held)
-            with torch.no_grad() if node in self.frozen else contextlib.nullcontext():
-                if out.start < split < out.stop:  # only the first rows read the boundary rows: join just those
-                    result = torch.cat([compute(node, RowInterval(out.start, split)),
-                                        compute(node, RowInterval(split, out.stop))], dim=row_dim(node))
-                else:
-                    result = compute(node, out)
-            if node in self.cuts and self.cuts[node].token.requires_grad:
-                cut = self.cuts[node]
+            if forward and node in cuts.kept:
+                result = _rows(cuts.kept[node], RowInterval(0, cuts.kept[node].shape[row_dim(node)]), out,
+                               row_dim(node))
+            else:
+                split = self._split(node, out, held)
+                with torch.no_grad() if node in cuts.frozen else contextlib.nullcontext():
+                    if out.start < split < out.stop:  # only the first rows read the boundary rows: join just those
+                        result = torch.cat([compute(node, RowInterval(out.start, split)),
+                                            compute(node, RowInterval(split, out.stop))], dim=row_dim(node))
+                    else:
+                        result = compute(node, out)
+            cut = cuts.at.get(node)
+            if cut is not None and cut.token.requires_grad and torch.is_grad_enabled():
                 result = _IntoCut.apply(result, cut.token, out, cut.total)
             held.setdefault(node, []).append((result, out))
             if node in wanted:
@@ -283,8 +305,8 @@ class _BandRunner:
 
 
 def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                 progress: Progress, index: int, anchors: _Anchors,
-                 cuts: tuple[dict[fx.Node, _Cut], frozenset[fx.Node]] = ({}, frozenset())) -> None:
+                 progress: Progress, index: int, anchors: _Anchors, cuts: _SegmentCuts | None = None) -> None:
+    cuts = cuts or _SegmentCuts()
     inside = set(segment.nodes)
     # the values read from outside, captured now: recomputation in backward runs after env has moved on
     outside = {v: env[v] for node in segment.nodes for v in node.all_input_nodes if v not in inside and v in env}
@@ -293,7 +315,7 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
     grad = torch.is_grad_enabled()
     for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside, anchors))):
         runner = _BandRunner(segment, band, outside, static, root, (progress, index, i))
-        runner.cuts, runner.frozen = cuts
+        runner.cuts = cuts
         if grad and segment.recompute:
             result = checkpoint(runner, *carries, *inputs, use_reentrant=False)
         else:
@@ -302,6 +324,7 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
         for (node, _), t in zip(band.outputs, result[:n_out]):
             pieces[node].append(t)
         carries = tuple(result[n_out:])
+    cuts.kept.clear()  # the runners outlive forward (checkpoint recomputes with them): they must not keep it
     for node, parts in pieces.items():
         env[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=row_dim(node))
 
@@ -341,12 +364,13 @@ class _PrefixRun:
     cuts of earlier statistics it stops its backward at and its own (the sum later recomputations add into)."""
 
     def __init__(self, step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                 progress: Progress, index: int, anchors: _Anchors,
-                 cuts: tuple[dict[fx.Node, _Cut], frozenset[fx.Node]] = ({}, frozenset())) -> None:
+                 progress: Progress, index: int, anchors: _Anchors, cuts: _SegmentCuts | None = None) -> None:
         self.prefix, self.static, self.root, self.where = step.prefix, static, root, (progress, index)
-        self.cuts, self.frozen = cuts
+        self.cuts = cuts or _SegmentCuts()
         x = step.prefix.outputs[0]
         self.into = _GradSum(x.meta["val"].shape, row_dim(x))  # its input's gradient from later recomputations
+        self.kept: Tensor | None = None  # its input, whole, made by the statistics' pass (``step.keep``)
+        self.keep = step.keep
         inside = set(self.prefix.nodes)
         self.outside = {v: env[v] for node in self.prefix.nodes for v in node.all_input_nodes
                         if v not in inside and v in env}
@@ -367,12 +391,12 @@ class _PrefixRun:
     def inputs(self) -> list[Tensor]:
         """What autograd must route gradients to: the values read whole, the parameters, the row anchors."""
         return [*(self.outside[v] for v in self.tensor_nodes), *self.params, *(a for a, _ in self.sums.values()),
-                *(c.token for c in self.cuts.values())]
+                *(c.token for c in self.cuts.at.values())]
 
     def band(self, i: int, env: dict[fx.Node, Any], grad: bool,
-             cuts: dict[fx.Node, _Cut] | None = None) -> tuple[Tensor, list[Tensor]]:
+             cuts: _SegmentCuts | None = None) -> tuple[Tensor, list[Tensor]]:
         """Band ``i`` of the prefix output, and the input rows it read (leaves when ``grad``), stopping
-        autograd at ``cuts``."""
+        autograd at ``cuts`` (forward: reading their kept inputs)."""
         band = self.prefix.bands[i]
         rows = [env[v].narrow(row_dim(v), r.start, len(r)) for v, r in band.inputs]
         if grad:
@@ -380,9 +404,15 @@ class _PrefixRun:
         progress, index = self.where
         runner = _BandRunner(self.prefix, band, env, self.static, self.root, (progress, index, i))
         runner.calls = 1 if grad else 0  # shown as backward in the progress lines
-        if cuts:
-            runner.cuts, runner.frozen = cuts, self.frozen
-        return runner(*rows)[0], rows
+        runner.cuts = cuts or self.cuts
+        x = runner(*rows)[0]
+        if not grad and self.keep:
+            out = self.prefix.outputs[0]
+            if self.kept is None:
+                self.kept = x.new_empty(out.meta["val"].shape)
+            have = dict(band.outputs)[out]
+            self.kept.narrow(row_dim(out), have.start, len(have)).copy_(x)
+        return x, rows
 
     def statistics(self) -> tuple[int, Tensor, Tensor]:
         """Count, mean and biased variance per channel, merged band by band (Chan et al.'s pairwise update)."""
@@ -414,8 +444,8 @@ class _PrefixRun:
         with torch.enable_grad():
             leaves = {v: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
                       for v, t in self.outside.items()}
-            cuts = {v: c.leaf() for v, c in self.cuts.items()}
-            tokens = [c.token for c in cuts.values()]
+            cuts = self.cuts.leaves()
+            tokens = [c.token for c in cuts.at.values()]
             whole: list[Any] = [None] * (len(self.tensor_nodes) + len(self.params))
             out = self.prefix.outputs[0]
             for i, band in enumerate(self.prefix.bands):
@@ -439,7 +469,7 @@ class _PrefixRun:
                         whole[k] = g if whole[k] is None else whole[k].add_(g)
                 del x, rows, grads, row_grads, rest
         self.into.total = None
-        return [*whole, *(None for _ in self.sums), *(torch.zeros_like(c.token) for c in self.cuts.values())]
+        return [*whole, *(None for _ in self.sums), *(torch.zeros_like(c.token) for c in self.cuts.at.values())]
 
 
 class _StreamedMean(torch.autograd.Function):
@@ -467,27 +497,36 @@ class _StreamedMean(torch.autograd.Function):
 
 
 def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                  progress: Progress, index: int, anchors: _Anchors,
-                  cuts: tuple[dict[fx.Node, _Cut], frozenset[fx.Node]]) -> _Cut:
-    """Run ``step``; returns its cut (the sum and token later recomputations stop their backward at)."""
+                  progress: Progress, index: int, anchors: _Anchors, cuts: _SegmentCuts) -> _Cut:
+    """Run ``step``; returns its cut (the sum and token later recomputations stop their backward at, and its
+    input when kept)."""
     run = _PrefixRun(step, env, static, root, progress, index, anchors, cuts)
     if not step.batch_norm:
         env[step.stats], token = _StreamedMean.apply(run, *run.inputs())
     else:
         mean, rstd, token = _StreamedStatistics.apply(run, *run.inputs())
         env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)
-    return _Cut(run.into, token)
+    cuts.kept.clear()
+    kept, run.kept = run.kept, None  # the run lives on in the graph: what it kept must not
+    return _Cut(run.into, token, kept)
 
 
-def _cuts(segment: Segment, plan_cuts: dict[int, Cuts],
-          made: dict[int, _Cut]) -> tuple[dict[fx.Node, _Cut], frozenset[fx.Node]]:
+def _cuts(segment: Segment, plan_cuts: dict[int, Cuts], made: dict[int, _Cut]) -> _SegmentCuts:
     """The cuts ``segment`` stops its backward at: all of the plan's, or none where a statistics needs no
-    gradient (or none is being recorded)."""
+    gradient (or none is being recorded); and the kept inputs it reads in forward, where its 2PS bands hand on
+    none of what they are made of."""
     cuts = plan_cuts.get(id(segment))
     if cuts is None or not torch.is_grad_enabled():
-        return {}, frozenset()
+        return _SegmentCuts()
     got = {s.prefix.outputs[0]: made[id(s)] for s in cuts.at if id(s) in made and made[id(s)].token.requires_grad}
-    return (got, cuts.frozen) if len(got) == len(cuts.at) else ({}, frozenset())
+    if len(got) < len(cuts.at):
+        return _SegmentCuts()
+    kept = [s for s in cuts.at if made[id(s)].kept is not None]
+    computed = {v for s in cuts.at if s not in kept for v in s.prefix.nodes}
+    skip = frozenset(v for s in kept for v in s.prefix.nodes if v is not s.prefix.outputs[0] and v not in computed)
+    if any(v in skip for band in segment.bands for v, _ in band.carry_out):
+        return _SegmentCuts(got, cuts.frozen)
+    return _SegmentCuts(got, cuts.frozen, {s.prefix.outputs[0]: made[id(s)].kept for s in kept}, skip)
 
 
 def _run_statistics(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
@@ -535,7 +574,13 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     index = {id(s): i for i, s in enumerate(banded)}
     anchors = _Anchors()
     plan_cuts, made = gradient_cuts(plan), {}  # type: dict[int, Cuts], dict[int, _Cut]
-    for step, frees in zip(plan.steps, plan.free_after):
+    kept_until: dict[int, list[int]] = {}  # step index -> streamed steps whose kept input dies after it
+    for i, step in enumerate(plan.steps):
+        if isinstance(step, Streamed) and step.keep:
+            readers = [j for j, t in enumerate(plan.steps)
+                       if step in plan_cuts.get(id(t.prefix if isinstance(t, Streamed) else t), Cuts((), frozenset())).at]
+            kept_until.setdefault(max(readers, default=i), []).append(id(step))
+    for i, (step, frees) in enumerate(zip(plan.steps, plan.free_after)):
         if isinstance(step, Segment):
             _run_segment(step, env, plan.static, root, progress, index[id(step)], anchors,
                          _cuts(step, plan_cuts, made))
@@ -551,4 +596,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
         for n in frees:
             env.pop(n, None)
             anchors.free(n)
+        for streamed in kept_until.get(i, ()):  # kept inputs die after their last reader's forward
+            if streamed in made:
+                made[streamed].kept = None
     return result

@@ -59,6 +59,7 @@ class Streamed:
     outputs: list[fx.Node]  # what the step sets: the statistics' getitem readers (mean, rstd), or the mean
     prefix: Segment  # OverL bands whose one output is ``stats``' input
     cut: bool = False  # later recomputations of the prefix stop their backward at its input (gradient_cuts)
+    keep: bool = False  # with ``cut``: its input is kept whole through forward; cut readers read it in forward
 
     @property
     def batch_norm(self) -> bool:
@@ -138,6 +139,11 @@ def gradient_cuts(plan: Plan) -> dict[int, Cuts]:
     # through the prefix. Valid where the segment computes the whole prefix, reads nothing of it but ``x``,
     # and leaves none of it to later steps. The sum costs ``x``'s bytes through part of backward: the planner
     # sets ``Streamed.cut`` only where the estimated peak does not rise.
+    # In forward the same readers (later statistics' passes, the segment) recompute the prefix only to make
+    # ``x``'s rows: with ``Streamed.keep`` the statistics' own pass keeps ``x`` whole until the last of them
+    # has run forward, and they read its rows instead (no autograd runs there, so checkpoint's recomputation in
+    # backward, which recomputes the prefix from its inputs, saves the same tensors). A chain of BatchNorms
+    # then runs each convolution once in forward, as the plain model does.
     """
     streamed: list[tuple[Streamed, fx.Node, set[fx.Node]]] = []  # the cut ones before this step
     cuts: dict[int, Cuts] = {}
@@ -173,6 +179,7 @@ def describe(plan: Plan) -> str:
             how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"
             lines.append(f"segment {s.name}: {len(s.nodes)} nodes, {how}, overlap {s.overlap:.2f}")
         elif isinstance(s, Streamed):
-            lines.append(f"statistics {s.name}: {len(s.prefix.bands)} bands{', gradient cut' if s.cut else ''}")
+            how = ", gradient cut" + (", input kept in forward" if s.keep else "") if s.cut else ""
+            lines.append(f"statistics {s.name}: {len(s.prefix.bands)} bands{how}")
     return "\n".join(lines) if lines else "no row-local region"
 

@@ -20,7 +20,7 @@ from .estimate import segment_peaks as estimate_segment_peaks
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
 from .norms import batch_statistics
-from .plan import Band, Plan, Segment, Step, Streamed, row_bytes, step_outputs, step_reads
+from .plan import Band, Plan, Segment, Step, Streamed, gradient_cuts, row_bytes, step_outputs, step_reads
 from .rules import NodeRule, concrete, is_4d, moved_row_dim, row_dim, rule_for
 from .trace import fetch_attr
 
@@ -522,8 +522,8 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
 
 def _cut_gradients(plan: Plan) -> None:
     """Let later recomputations of each streamed statistics' prefix stop their backward at its input (see NOTE
-    [ Gradient cuts ] in :mod:`lightning_lrcnn.plan`: one backward pass through the prefix instead of two)
-    wherever the estimated peak does not rise."""
+    [ Gradient cuts ] in :mod:`lightning_lrcnn.plan`: one backward pass through the prefix instead of two),
+    then keep cut inputs whole through forward for their readers, wherever the estimated peak does not rise."""
     peak = estimate(plan).peak_bytes
     for s in plan.steps:
         if isinstance(s, Streamed):
@@ -531,6 +531,15 @@ def _cut_gradients(plan: Plan) -> None:
             trial = estimate(plan).peak_bytes
             if trial > peak:
                 s.cut = False
+            else:
+                peak = trial
+    read = {id(s) for cuts in gradient_cuts(plan).values() for s in cuts.at}
+    for s in plan.steps:  # then keep cut inputs whole through forward, for their readers' forward
+        if isinstance(s, Streamed) and id(s) in read:
+            s.keep = True
+            trial = estimate(plan).peak_bytes
+            if trial > peak:
+                s.keep = False
             else:
                 peak = trial
 

@@ -439,12 +439,13 @@ def test_statistics_add_their_input_gradient_into_a_row_sum_a_slice_at_a_time(ki
     assert big == [x.numel() * x.element_size()], made.sizes
 
 
-def _cut_every_prefix(model: nn.Module, x: torch.Tensor, cut: bool = True) -> None:
-    """Set (or clear) every streamed step's gradient cut in ``model``'s plan for ``x``, whatever the planner chose."""
+def _cut_every_prefix(model: nn.Module, x: torch.Tensor, cut: bool = True, keep: bool = False) -> None:
+    """Set (or clear) every streamed step's gradient cut (and ``keep``) in ``model``'s plan for ``x``, whatever
+    the planner chose."""
     plan = plan_for(model, x)
     for s in plan.steps:
         if isinstance(s, Streamed):
-            s.cut = cut
+            s.cut, s.keep = cut, keep
     assert bool(gradient_cuts(plan)) == cut, describe(plan)
 
 
@@ -456,51 +457,72 @@ GRADIENT_CUT_NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = 
 }
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("mode", ["2ps", "overl"])
 @pytest.mark.parametrize("net", list(GRADIENT_CUT_NETS))
-def test_gradient_cuts_match_plain_training(net: str, mode: str) -> None:
+def test_gradient_cuts_match_plain_training(net: str, mode: str, keep: bool) -> None:
     """With every streamed step cut (later recomputations stop their backward at its input and add into its sum),
-    training still matches the plain model in float64: chained BatchNorms (a block's second statistics' prefix
-    holds the first's), a squeeze-excitation mean, 2PS boundary rows of the cut input."""
+    and with cut inputs kept through forward (later passes read them), training still matches the plain model in
+    float64, buffers included: chained BatchNorms (a block's second statistics' prefix holds the first's), a
+    squeeze-excitation mean, 2PS boundary rows of the cut input."""
     make, shape = GRADIENT_CUT_NETS[net]
-    assert_equivalent(make, shape, mode=mode, rows=8, train=True, prepare=_cut_every_prefix)
+    converted = assert_equivalent(make, shape, mode=mode, rows=8, train=True,
+                                  prepare=lambda m, x: _cut_every_prefix(m, x, keep=keep))
+    torch.manual_seed(0)
+    plain = make().double().train()
+    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=8)
+    x = torch.randn(shape, dtype=torch.float64)
+    _cut_every_prefix(converted, x, keep=keep)
+    for _ in range(2):
+        torch.testing.assert_close(converted(x), plain(x))
+    for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(b, ref, msg=f"buffer {name}")
 
 
-class _ConvBackwardWork(TorchDispatchMode):
-    """Multiply-adds of the convolution backward passes run inside the ``with`` block."""
+class _ConvWork(TorchDispatchMode):
+    """Multiply-adds of the convolutions run inside the ``with`` block: ``forward`` (recomputation in backward
+    included) and ``backward``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.work = 0
+        self.forward = self.backward = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten.convolution_backward.default:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default:
+            self.forward += out.numel() * args[1][0].numel()
+        elif func is torch.ops.aten.convolution_backward.default:
             grad, weight, mask = args[0], args[2], args[-1]
-            self.work += grad.numel() * weight[0].numel() * sum(bool(m) for m in mask[:2])
-        return func(*args, **(kwargs or {}))
+            self.backward += grad.numel() * weight[0].numel() * sum(bool(m) for m in mask[:2])
+        return out
 
 
-def test_gradient_cuts_backpropagate_through_each_prefix_once() -> None:
+def test_gradient_cuts_and_kept_inputs_run_each_prefix_once_per_pass() -> None:
     """Cut, a block's convolutions are backpropagated once by the statistics' backward instead of also by every
-    later recomputation of the block: less convolution backward work for the same gradients, the same peak
-    or lower (measured), and the planner cuts where its estimate says the peak does not rise."""
+    later recomputation of the block: less convolution backward work. Kept, the statistics' input is read in
+    forward by the later statistics' passes and the segment instead of being recomputed: less forward work.
+    Same gradients, the same measured peak; the planner cuts and keeps where its estimate does not rise."""
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *(_ResidualBlock(16) for _ in range(3))).train()
     x = torch.randn(1, 3, 256, 256)
     work, peaks, grads = {}, {}, {}
-    for cut in (False, True):
+    for how in ("recomputed", "cut", "kept"):
         model = to_row_centric(copy.deepcopy(plain), mode="overl", rows=8)
-        _cut_every_prefix(model, x, cut)
-        counter = _ConvBackwardWork()
+        _cut_every_prefix(model, x, cut=how != "recomputed", keep=how == "kept")
+        counter = _ConvWork()
         with counter:
             model(x).square().mean().backward()
-        work[cut] = counter.work
-        grads[cut] = [p.grad for p in model.parameters()]
+        work[how] = counter
+        grads[how] = [p.grad for p in model.parameters()]
         model.zero_grad(set_to_none=True)
-        peaks[cut] = measure(lambda m=model: m(x).square().mean().backward()).peak_bytes
-    assert work[True] < 0.75 * work[False], work
-    assert peaks[True] <= peaks[False] + 1024, peaks  # the cuts' tokens (0-dim) aside
-    for a, b in zip(grads[True], grads[False]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        peaks[how] = measure(lambda m=model: m(x).square().mean().backward()).peak_bytes
+    assert work["cut"].backward < 0.75 * work["recomputed"].backward, work
+    assert work["cut"].forward == work["recomputed"].forward  # the prefixes still run, without autograd
+    assert work["kept"].forward < 0.85 * work["cut"].forward
+    assert work["kept"].backward == work["cut"].backward
+    assert peaks["kept"] <= peaks["cut"] <= peaks["recomputed"] + 1024, peaks  # the cuts' tokens (0-dim) aside
+    for how in ("cut", "kept"):
+        for a, b in zip(grads[how], grads["recomputed"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     planned = plan_for(to_row_centric(copy.deepcopy(plain), mode="overl", rows=8), x)
-    assert any(isinstance(s, Streamed) and s.cut for s in planned.steps), describe(planned)
+    assert any(isinstance(s, Streamed) and s.cut and s.keep for s in planned.steps), describe(planned)
