@@ -109,8 +109,9 @@ def _frozen(cuts: dict[int, Any], segment: Segment) -> frozenset[fx.Node]:
 def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost],
                    cuts: dict[int, Any]) -> list[_Cost]:
     """Add each cut's gradient sum (of the streamed statistics' input, see ``plan.gradient_cuts``): alive in
-    backward from the last recomputation that adds into it to the statistics' own step; and, where the input is
-    kept through forward (``Streamed.keep``), the input itself in forward, from that step to the last reader."""
+    backward from the last recomputation that adds into it to the statistics' own step (again where its rows are
+    reused in backward: ``Streamed.reuse``); and, where the input is kept through forward (``Streamed.keep``),
+    the input itself in forward, from that step to the last reader."""
     last: dict[int, int] = {}
     for i, step in enumerate(steps):
         segment = step.prefix if isinstance(step, Streamed) else step
@@ -120,7 +121,7 @@ def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_C
     for first, step in enumerate(steps):
         if isinstance(step, Streamed) and id(step) in last:
             for i in range(first, last[id(step)] + 1):
-                extra[i] += _bytes(step.prefix.outputs[0])
+                extra[i] += _bytes(step.prefix.outputs[0]) * (2 if step.reuse else 1)
                 kept[i] += _bytes(step.prefix.outputs[0]) if step.keep else 0
     return [replace(c, forward=c.forward + k, backward=c.backward + e) if e else c
             for c, e, k in zip(costs, extra, kept)]

@@ -85,35 +85,76 @@ class _Rows(torch.autograd.Function):
         return None, None, None
 
 
+class _RowCache:
+    """A value's rows as recomputations in backward make them, for later ones to read (``Streamed.reuse``)."""
+
+    def __init__(self, shape: torch.Size, dim: int) -> None:
+        self.shape, self.dim = shape, dim
+        self.rows: Tensor | None = None
+        self.have = bytearray(shape[dim])
+
+    def put(self, rows: RowInterval, x: Tensor) -> None:
+        if self.rows is None:
+            self.rows = x.new_empty(self.shape)
+        self.rows.narrow(self.dim, rows.start, len(rows)).copy_(x)
+        self.have[rows.start : rows.stop] = b"\x01" * len(rows)
+
+    def get(self, rows: RowInterval) -> Tensor | None:
+        """Rows ``rows``, where every one of them was put."""
+        if self.rows is None or not all(self.have[rows.start : rows.stop]):
+            return None
+        return self.rows.narrow(self.dim, rows.start, len(rows))
+
+
 @dataclass
 class _Cut:
     """The sum of a streamed statistics' input gradient that later recomputations add into (see NOTE [ Gradient
-    cuts ] in :mod:`lightning_lrcnn.plan`), and the statistics' token that orders their backward before the
-    statistics' own."""
+    cuts ] in :mod:`lightning_lrcnn.plan`), the statistics' token that orders their backward before the
+    statistics' own, and the input itself where the plan keeps it (in forward, or as recomputed in backward)."""
 
     total: _GradSum
     token: Tensor
-    kept: Tensor | None = None  # the input itself, whole, while later steps run forward (``Streamed.keep``)
+    kept: Tensor | None = None  # the input, whole, while later steps run forward (``Streamed.keep``)
+    recomputed: _RowCache | None = None  # its rows as the first recomputation in backward made them
 
     def leaf(self) -> _Cut:
-        """The same sum with a detached token, for a backward pass run with ``torch.autograd.grad``."""
-        return _Cut(self.total, self.token.detach().requires_grad_())
+        """The same, with a detached token, for a backward pass run with ``torch.autograd.grad``."""
+        return _Cut(self.total, self.token.detach().requires_grad_(), None, self.recomputed)
 
 
 @dataclass
 class _SegmentCuts:
     """What one segment (or prefix) does at the plan's cuts: the statistics' inputs whose gradient goes into
-    their sums, the nodes computed without autograd, and in forward the kept inputs it reads instead of
-    computing them (and what they are made of: ``skip``)."""
+    their sums (``at``), the nodes computed without autograd (``frozen``: the prefixes of ``at``, by input in
+    ``prefixes``), the values whose rows it puts into row caches in backward (``fill``), and in forward the kept
+    inputs it reads instead of computing their prefixes (``kept``; in backward it reads the row caches of ``at``).
+    ``hands_on``: its 2PS bands hand on rows of a prefix, which must then be computed."""
 
     at: dict[fx.Node, _Cut] = field(default_factory=dict)
     frozen: frozenset[fx.Node] = frozenset()
+    prefixes: dict[fx.Node, frozenset[fx.Node]] = field(default_factory=dict)
     kept: dict[fx.Node, Tensor] = field(default_factory=dict)
-    skip: frozenset[fx.Node] = frozenset()
+    fill: dict[fx.Node, _RowCache] = field(default_factory=dict)
+    hands_on: bool = False
 
     def leaves(self) -> _SegmentCuts:
-        """For a backward pass run with ``torch.autograd.grad``: detached tokens, nothing kept."""
-        return _SegmentCuts({v: c.leaf() for v, c in self.at.items()}, self.frozen)
+        """For a backward pass run with ``torch.autograd.grad``: detached tokens, nothing kept from forward."""
+        return _SegmentCuts({v: c.leaf() for v, c in self.at.items()}, self.frozen, self.prefixes, {}, self.fill,
+                            self.hands_on)
+
+    def readable(self, band: Band, backward: bool) -> dict[fx.Node, Tensor]:
+        """The rows of cut inputs this band can read instead of computing them."""
+        if self.hands_on:
+            return {}
+        if not backward:
+            return {x: t.narrow(row_dim(x), band.rows[x].start, len(band.rows[x])) for x, t in self.kept.items()}
+        got = {x: c.recomputed.get(band.rows[x]) for x, c in self.at.items() if c.recomputed is not None}
+        return {x: t for x, t in got.items() if t is not None}
+
+    def skipped(self, readable: dict[fx.Node, Tensor]) -> set[fx.Node]:
+        """What the readable inputs are made of, and no other cut input needs."""
+        computed = {v for x, p in self.prefixes.items() if x not in readable for v in p}
+        return {v for x in readable for v in self.prefixes[x] if v is not x and v not in computed}
 
 
 class _IntoCut(torch.autograd.Function):
@@ -248,14 +289,15 @@ class _BandRunner:
         # a node with no new rows in this band passes (part of) its incoming boundary rows straight on
         carries = {node: fresh(value(node, rows)) for node, rows in band.carry_out if band.rows[node].empty}
         cuts = self.cuts
-        forward = self.calls == 1  # in recomputation (backward) nothing is kept: the prefix runs again
+        backward = self.calls > 1  # a recomputation
+        readable = cuts.readable(band, backward)
+        skip = cuts.skipped(readable)
         for node in seg.nodes:
             out = band.rows[node]
-            if out.empty or (forward and node in cuts.skip):
+            if out.empty or node in skip:
                 continue
-            if forward and node in cuts.kept:
-                result = _rows(cuts.kept[node], RowInterval(0, cuts.kept[node].shape[row_dim(node)]), out,
-                               row_dim(node))
+            if node in readable:
+                result = readable[node]
             else:
                 split = self._split(node, out, held)
                 with torch.no_grad() if node in cuts.frozen else contextlib.nullcontext():
@@ -264,6 +306,8 @@ class _BandRunner:
                                             compute(node, RowInterval(split, out.stop))], dim=row_dim(node))
                     else:
                         result = compute(node, out)
+                if backward and node in cuts.fill:
+                    cuts.fill[node].put(out, result)
             cut = cuts.at.get(node)
             if cut is not None and cut.token.requires_grad and torch.is_grad_enabled():
                 result = _IntoCut.apply(result, cut.token, out, cut.total)
@@ -371,6 +415,7 @@ class _PrefixRun:
         self.into = _GradSum(x.meta["val"].shape, row_dim(x))  # its input's gradient from later recomputations
         self.kept: Tensor | None = None  # its input, whole, made by the statistics' pass (``step.keep``)
         self.keep = step.keep
+        self.recomputed = _RowCache(x.meta["val"].shape, row_dim(x)) if step.reuse else None
         inside = set(self.prefix.nodes)
         self.outside = {v: env[v] for node in self.prefix.nodes for v in node.all_input_nodes
                         if v not in inside and v in env}
@@ -444,6 +489,8 @@ class _PrefixRun:
         with torch.enable_grad():
             leaves = {v: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
                       for v, t in self.outside.items()}
+            if self.recomputed is not None:  # read by later statistics' backward only, which ran before this one
+                self.recomputed.rows = None
             cuts = self.cuts.leaves()
             tokens = [c.token for c in cuts.at.values()]
             whole: list[Any] = [None] * (len(self.tensor_nodes) + len(self.params))
@@ -508,25 +555,24 @@ def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node,
         env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)
     cuts.kept.clear()
     kept, run.kept = run.kept, None  # the run lives on in the graph: what it kept must not
-    return _Cut(run.into, token, kept)
+    return _Cut(run.into, token, kept, run.recomputed)
 
 
-def _cuts(segment: Segment, plan_cuts: dict[int, Cuts], made: dict[int, _Cut]) -> _SegmentCuts:
+def _cuts(segment: Segment, plan_cuts: dict[int, Cuts], made: dict[int, _Cut],
+          by_input: dict[fx.Node, _Cut]) -> _SegmentCuts:
     """The cuts ``segment`` stops its backward at: all of the plan's, or none where a statistics needs no
-    gradient (or none is being recorded); and the kept inputs it reads in forward, where its 2PS bands hand on
-    none of what they are made of."""
+    gradient (or none is being recorded); the kept inputs it reads in forward; the row caches it fills."""
     cuts = plan_cuts.get(id(segment))
     if cuts is None or not torch.is_grad_enabled():
         return _SegmentCuts()
     got = {s.prefix.outputs[0]: made[id(s)] for s in cuts.at if id(s) in made and made[id(s)].token.requires_grad}
     if len(got) < len(cuts.at):
         return _SegmentCuts()
-    kept = [s for s in cuts.at if made[id(s)].kept is not None]
-    computed = {v for s in cuts.at if s not in kept for v in s.prefix.nodes}
-    skip = frozenset(v for s in kept for v in s.prefix.nodes if v is not s.prefix.outputs[0] and v not in computed)
-    if any(v in skip for band in segment.bands for v, _ in band.carry_out):
-        return _SegmentCuts(got, cuts.frozen)
-    return _SegmentCuts(got, cuts.frozen, {s.prefix.outputs[0]: made[id(s)].kept for s in kept}, skip)
+    prefixes = {s.prefix.outputs[0]: frozenset(s.prefix.nodes) for s in cuts.at}
+    kept = {x: c.kept for x, c in got.items() if c.kept is not None}
+    fill = {x: c.recomputed for x, c in by_input.items() if x in cuts.frozen and c.recomputed is not None}
+    hands_on = any(v in cuts.frozen and v not in prefixes for band in segment.bands for v, _ in band.carry_out)
+    return _SegmentCuts(got, cuts.frozen, prefixes, kept, fill, hands_on)
 
 
 def _run_statistics(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
@@ -573,7 +619,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     progress = Progress(len(banded))
     index = {id(s): i for i, s in enumerate(banded)}
     anchors = _Anchors()
-    plan_cuts, made = gradient_cuts(plan), {}  # type: dict[int, Cuts], dict[int, _Cut]
+    plan_cuts, made, by_input = gradient_cuts(plan), {}, {}  # type: dict[int, Cuts], dict[int, _Cut], dict[fx.Node, _Cut]
     kept_until: dict[int, list[int]] = {}  # step index -> streamed steps whose kept input dies after it
     for i, step in enumerate(plan.steps):
         if isinstance(step, Streamed) and step.keep:
@@ -583,10 +629,11 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     for i, (step, frees) in enumerate(zip(plan.steps, plan.free_after)):
         if isinstance(step, Segment):
             _run_segment(step, env, plan.static, root, progress, index[id(step)], anchors,
-                         _cuts(step, plan_cuts, made))
+                         _cuts(step, plan_cuts, made, by_input))
         elif isinstance(step, Streamed):
-            made[id(step)] = _run_streamed(step, env, plan.static, root, progress, index[id(step)], anchors,
-                                           _cuts(step.prefix, plan_cuts, made))
+            made[id(step)] = by_input[step.prefix.outputs[0]] = _run_streamed(
+                step, env, plan.static, root, progress, index[id(step)], anchors,
+                _cuts(step.prefix, plan_cuts, made, by_input))
         elif step.op == "output":
             result = _run_node(step, env, plan.static, root)
         elif step.target in (batch_statistics, image_statistics):

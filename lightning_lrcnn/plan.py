@@ -60,6 +60,7 @@ class Streamed:
     prefix: Segment  # OverL bands whose one output is ``stats``' input
     cut: bool = False  # later recomputations of the prefix stop their backward at its input (gradient_cuts)
     keep: bool = False  # with ``cut``: its input is kept whole through forward; cut readers read it in forward
+    reuse: bool = False  # with ``cut``: the first recomputation in backward keeps its input's rows for the rest
 
     @property
     def batch_norm(self) -> bool:
@@ -143,7 +144,9 @@ def gradient_cuts(plan: Plan) -> dict[int, Cuts]:
     # ``x``'s rows: with ``Streamed.keep`` the statistics' own pass keeps ``x`` whole until the last of them
     # has run forward, and they read its rows instead (no autograd runs there, so checkpoint's recomputation in
     # backward, which recomputes the prefix from its inputs, saves the same tensors). A chain of BatchNorms
-    # then runs each convolution once in forward, as the plain model does.
+    # then runs each convolution once in forward, as the plain model does. With ``Streamed.reuse`` the same
+    # holds in backward: the first recomputation that makes ``x``'s rows (the segment's) keeps them, and later
+    # statistics' backward passes read them instead of running the prefix that makes them.
     """
     streamed: list[tuple[Streamed, fx.Node, set[fx.Node]]] = []  # the cut ones before this step
     cuts: dict[int, Cuts] = {}
@@ -179,7 +182,8 @@ def describe(plan: Plan) -> str:
             how = f"{s.mode}, {len(s.bands)} bands" if s.recompute else "kept (no recomputation)"
             lines.append(f"segment {s.name}: {len(s.nodes)} nodes, {how}, overlap {s.overlap:.2f}")
         elif isinstance(s, Streamed):
-            how = ", gradient cut" + (", input kept in forward" if s.keep else "") if s.cut else ""
+            how = (", gradient cut" + (", input kept in forward" if s.keep else "")
+                   + (", rows reused in backward" if s.reuse else "")) if s.cut else ""
             lines.append(f"statistics {s.name}: {len(s.prefix.bands)} bands{how}")
     return "\n".join(lines) if lines else "no row-local region"
 

@@ -523,7 +523,8 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
 def _cut_gradients(plan: Plan) -> None:
     """Let later recomputations of each streamed statistics' prefix stop their backward at its input (see NOTE
     [ Gradient cuts ] in :mod:`lightning_lrcnn.plan`: one backward pass through the prefix instead of two),
-    then keep cut inputs whole through forward for their readers, wherever the estimated peak does not rise."""
+    then keep cut inputs whole through forward for their readers, and their recomputed rows through backward,
+    wherever the estimated peak does not rise."""
     peak = estimate(plan).peak_bytes
     for s in plan.steps:
         if isinstance(s, Streamed):
@@ -533,15 +534,19 @@ def _cut_gradients(plan: Plan) -> None:
                 s.cut = False
             else:
                 peak = trial
-    read = {id(s) for cuts in gradient_cuts(plan).values() for s in cuts.at}
-    for s in plan.steps:  # then keep cut inputs whole through forward, for their readers' forward
-        if isinstance(s, Streamed) and id(s) in read:
-            s.keep = True
-            trial = estimate(plan).peak_bytes
-            if trial > peak:
-                s.keep = False
-            else:
-                peak = trial
+    cuts = gradient_cuts(plan)
+    read = {id(s) for c in cuts.values() for s in c.at}  # in forward: by segments and statistics' passes
+    reread = {id(s) for t in plan.steps if isinstance(t, Streamed) and id(t.prefix) in cuts  # in backward
+              for s in cuts[id(t.prefix)].at}
+    for flag, readers in (("keep", read), ("reuse", reread)):
+        for s in plan.steps:
+            if isinstance(s, Streamed) and id(s) in readers:
+                setattr(s, flag, True)
+                trial = estimate(plan).peak_bytes
+                if trial > peak:
+                    setattr(s, flag, False)
+                else:
+                    peak = trial
 
 
 def _fewer_boundary_rows(plan: Plan) -> None:

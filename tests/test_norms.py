@@ -439,13 +439,14 @@ def test_statistics_add_their_input_gradient_into_a_row_sum_a_slice_at_a_time(ki
     assert big == [x.numel() * x.element_size()], made.sizes
 
 
-def _cut_every_prefix(model: nn.Module, x: torch.Tensor, cut: bool = True, keep: bool = False) -> None:
-    """Set (or clear) every streamed step's gradient cut (and ``keep``) in ``model``'s plan for ``x``, whatever
-    the planner chose."""
+def _cut_every_prefix(model: nn.Module, x: torch.Tensor, cut: bool = True, keep: bool = False,
+                      reuse: bool = False) -> None:
+    """Set (or clear) every streamed step's gradient cut (and ``keep``, ``reuse``) in ``model``'s plan for ``x``,
+    whatever the planner chose."""
     plan = plan_for(model, x)
     for s in plan.steps:
         if isinstance(s, Streamed):
-            s.cut, s.keep = cut, keep
+            s.cut, s.keep, s.reuse = cut, keep, reuse
     assert bool(gradient_cuts(plan)) == cut, describe(plan)
 
 
@@ -462,17 +463,17 @@ GRADIENT_CUT_NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = 
 @pytest.mark.parametrize("net", list(GRADIENT_CUT_NETS))
 def test_gradient_cuts_match_plain_training(net: str, mode: str, keep: bool) -> None:
     """With every streamed step cut (later recomputations stop their backward at its input and add into its sum),
-    and with cut inputs kept through forward (later passes read them), training still matches the plain model in
-    float64, buffers included: chained BatchNorms (a block's second statistics' prefix holds the first's), a
-    squeeze-excitation mean, 2PS boundary rows of the cut input."""
+    and with cut inputs kept through forward and their recomputed rows reused in backward (later passes read
+    them), training still matches the plain model in float64, buffers included: chained BatchNorms (a block's
+    second statistics' prefix holds the first's), a squeeze-excitation mean, 2PS boundary rows of the cut input."""
     make, shape = GRADIENT_CUT_NETS[net]
     converted = assert_equivalent(make, shape, mode=mode, rows=8, train=True,
-                                  prepare=lambda m, x: _cut_every_prefix(m, x, keep=keep))
+                                  prepare=lambda m, x: _cut_every_prefix(m, x, keep=keep, reuse=keep))
     torch.manual_seed(0)
     plain = make().double().train()
     converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=8)
     x = torch.randn(shape, dtype=torch.float64)
-    _cut_every_prefix(converted, x, keep=keep)
+    _cut_every_prefix(converted, x, keep=keep, reuse=keep)
     for _ in range(2):
         torch.testing.assert_close(converted(x), plain(x))
     for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers()):
@@ -501,14 +502,16 @@ def test_gradient_cuts_and_kept_inputs_run_each_prefix_once_per_pass() -> None:
     """Cut, a block's convolutions are backpropagated once by the statistics' backward instead of also by every
     later recomputation of the block: less convolution backward work. Kept, the statistics' input is read in
     forward by the later statistics' passes and the segment instead of being recomputed: less forward work.
-    Same gradients, the same measured peak; the planner cuts and keeps where its estimate does not rise."""
+    Reused, the rows the segment's recomputation made are read by the later statistics' backward passes: less
+    recomputation. Same gradients, the same measured peak; the planner cuts, keeps and reuses where its
+    estimate does not rise."""
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *(_ResidualBlock(16) for _ in range(3))).train()
     x = torch.randn(1, 3, 256, 256)
     work, peaks, grads = {}, {}, {}
-    for how in ("recomputed", "cut", "kept"):
+    for how in ("recomputed", "cut", "kept", "reused"):
         model = to_row_centric(copy.deepcopy(plain), mode="overl", rows=8)
-        _cut_every_prefix(model, x, cut=how != "recomputed", keep=how == "kept")
+        _cut_every_prefix(model, x, cut=how != "recomputed", keep=how in ("kept", "reused"), reuse=how == "reused")
         counter = _ConvWork()
         with counter:
             model(x).square().mean().backward()
@@ -519,10 +522,14 @@ def test_gradient_cuts_and_kept_inputs_run_each_prefix_once_per_pass() -> None:
     assert work["cut"].backward < 0.75 * work["recomputed"].backward, work
     assert work["cut"].forward == work["recomputed"].forward  # the prefixes still run, without autograd
     assert work["kept"].forward < 0.85 * work["cut"].forward
-    assert work["kept"].backward == work["cut"].backward
-    assert peaks["kept"] <= peaks["cut"] <= peaks["recomputed"] + 1024, peaks  # the cuts' tokens (0-dim) aside
-    for how in ("cut", "kept"):
+    assert work["kept"].backward == work["reused"].backward == work["cut"].backward
+    assert work["reused"].forward < 0.9 * work["kept"].forward  # recomputation in backward (0.855)
+    assert peaks["kept"] <= peaks["cut"] <= peaks["recomputed"] + 1024, peaks  # the cuts' tokens aside
+    for how in ("cut", "kept", "reused"):
         for a, b in zip(grads[how], grads["recomputed"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    planned = plan_for(to_row_centric(copy.deepcopy(plain), mode="overl", rows=8), x)
+    # the planner's choice (reused rows cost their bytes in backward: not everywhere)
+    model = to_row_centric(copy.deepcopy(plain), mode="overl", rows=8)
+    planned = plan_for(model, x)
     assert any(isinstance(s, Streamed) and s.cut and s.keep for s in planned.steps), describe(planned)
+    assert measure(lambda: model(x).square().mean().backward()).peak_bytes <= peaks["recomputed"] + 1024
