@@ -414,7 +414,7 @@ class _PrefixRun:
         x = step.prefix.outputs[0]
         self.into = _GradSum(x.meta["val"].shape, row_dim(x))  # its input's gradient from later recomputations
         self.kept: Tensor | None = None  # its input, whole, made by the statistics' pass (``step.keep``)
-        self.keep = step.keep
+        self.keep = step.keep and torch.is_grad_enabled()  # its readers read it only where they stop at its cut
         self.recomputed = _RowCache(x.meta["val"].shape, row_dim(x)) if step.reuse else None
         inside = set(self.prefix.nodes)
         self.outside = {v: env[v] for node in self.prefix.nodes for v in node.all_input_nodes
@@ -558,19 +558,19 @@ def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node,
     return _Cut(run.into, token, kept, run.recomputed)
 
 
-def _cuts(segment: Segment, plan_cuts: dict[int, Cuts], made: dict[int, _Cut],
-          by_input: dict[fx.Node, _Cut]) -> _SegmentCuts:
-    """The cuts ``segment`` stops its backward at: all of the plan's, or none where a statistics needs no
-    gradient (or none is being recorded); the kept inputs it reads in forward; the row caches it fills."""
+def _cuts(segment: Segment, plan_cuts: dict[int, Cuts], made: dict[fx.Node, _Cut]) -> _SegmentCuts:
+    """The cuts ``segment`` stops its backward at (``made``: by statistics' input): all of the plan's, or none
+    where a statistics needs no gradient (or none is being recorded); the kept inputs it reads in forward; the
+    row caches it fills."""
     cuts = plan_cuts.get(id(segment))
     if cuts is None or not torch.is_grad_enabled():
         return _SegmentCuts()
-    got = {s.prefix.outputs[0]: made[id(s)] for s in cuts.at if id(s) in made and made[id(s)].token.requires_grad}
-    if len(got) < len(cuts.at):
-        return _SegmentCuts()
     prefixes = {s.prefix.outputs[0]: frozenset(s.prefix.nodes) for s in cuts.at}
+    got = {x: made[x] for x in prefixes if x in made and made[x].token.requires_grad}
+    if len(got) < len(prefixes):
+        return _SegmentCuts()
     kept = {x: c.kept for x, c in got.items() if c.kept is not None}
-    fill = {x: c.recomputed for x, c in by_input.items() if x in cuts.frozen and c.recomputed is not None}
+    fill = {x: c.recomputed for x, c in made.items() if x in cuts.frozen and c.recomputed is not None}
     hands_on = any(v in cuts.frozen and v not in prefixes for band in segment.bands for v, _ in band.carry_out)
     return _SegmentCuts(got, cuts.frozen, prefixes, kept, fill, hands_on)
 
@@ -619,21 +619,22 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     progress = Progress(len(banded))
     index = {id(s): i for i, s in enumerate(banded)}
     anchors = _Anchors()
-    plan_cuts, made, by_input = gradient_cuts(plan), {}, {}  # type: dict[int, Cuts], dict[int, _Cut], dict[fx.Node, _Cut]
-    kept_until: dict[int, list[int]] = {}  # step index -> streamed steps whose kept input dies after it
+    plan_cuts = gradient_cuts(plan)
+    made: dict[fx.Node, _Cut] = {}  # by the streamed statistics' input
+    none = Cuts((), frozenset())
+    last_reader = {id(s): j for j, t in enumerate(plan.steps)  # the last step that stops at each cut
+                   for s in plan_cuts.get(id(t.prefix if isinstance(t, Streamed) else t), none).at}
+    kept_until: dict[int, list[fx.Node]] = {}  # step index -> statistics' inputs kept until after it
     for i, step in enumerate(plan.steps):
         if isinstance(step, Streamed) and step.keep:
-            readers = [j for j, t in enumerate(plan.steps)
-                       if step in plan_cuts.get(id(t.prefix if isinstance(t, Streamed) else t), Cuts((), frozenset())).at]
-            kept_until.setdefault(max(readers, default=i), []).append(id(step))
+            kept_until.setdefault(last_reader.get(id(step), i), []).append(step.prefix.outputs[0])
     for i, (step, frees) in enumerate(zip(plan.steps, plan.free_after)):
         if isinstance(step, Segment):
             _run_segment(step, env, plan.static, root, progress, index[id(step)], anchors,
-                         _cuts(step, plan_cuts, made, by_input))
+                         _cuts(step, plan_cuts, made))
         elif isinstance(step, Streamed):
-            made[id(step)] = by_input[step.prefix.outputs[0]] = _run_streamed(
-                step, env, plan.static, root, progress, index[id(step)], anchors,
-                _cuts(step.prefix, plan_cuts, made, by_input))
+            made[step.prefix.outputs[0]] = _run_streamed(step, env, plan.static, root, progress, index[id(step)],
+                                                         anchors, _cuts(step.prefix, plan_cuts, made))
         elif step.op == "output":
             result = _run_node(step, env, plan.static, root)
         elif step.target in (batch_statistics, image_statistics):
@@ -643,7 +644,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
         for n in frees:
             env.pop(n, None)
             anchors.free(n)
-        for streamed in kept_until.get(i, ()):  # kept inputs die after their last reader's forward
-            if streamed in made:
-                made[streamed].kept = None
+        for x in kept_until.get(i, ()):  # kept inputs die after their last reader's forward
+            if x in made:
+                made[x].kept = None
     return result
