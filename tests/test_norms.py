@@ -533,3 +533,21 @@ def test_gradient_cuts_and_kept_inputs_run_each_prefix_once_per_pass() -> None:
     planned = plan_for(model, x)
     assert any(isinstance(s, Streamed) and s.cut and s.keep for s in planned.steps), describe(planned)
     assert measure(lambda: model(x).square().mean().backward()).peak_bytes <= peaks["recomputed"] + 1024
+
+
+def _real_net(name: str) -> nn.Module:
+    if name == "torchvision_resnet50":
+        import torchvision
+
+        return torchvision.models.resnet50(num_classes=10)
+    timm = pytest.importorskip("timm")
+    return timm.create_model("seresnext26d_32x4d", num_classes=10)  # train BN + squeeze-excitation means
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("net", ["torchvision_resnet50", "timm_seresnext26d"])
+def test_gradient_cuts_kept_and_reused_inputs_on_real_networks(net: str, mode: str) -> None:
+    """Train-mode BatchNorm bottlenecks (and timm's SE-ResNeXt's squeeze-excitation means), with every streamed
+    step cut, kept and reused: float64 equivalence with the plain model, bands asserted."""
+    assert_equivalent(lambda: _real_net(net), (1, 3, 256, 192), mode=mode, rows=8, train=True,
+                      prepare=lambda m, x: _cut_every_prefix(m, x, keep=True, reuse=True))
