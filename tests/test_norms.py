@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -480,22 +482,12 @@ def test_gradient_cuts_match_plain_training(net: str, mode: str, keep: bool) -> 
         torch.testing.assert_close(b, ref, msg=f"buffer {name}")
 
 
-class _ConvWork(TorchDispatchMode):
-    """Multiply-adds of the convolutions run inside the ``with`` block: ``forward`` (recomputation in backward
-    included) and ``backward``."""
+def _conv_flops() -> Any:
+    """``scripts/conv_flops.py``'s counter of the convolution arithmetic run in forward and backward."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from conv_flops import ConvFlops
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.forward = self.backward = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.convolution.default:
-            self.forward += out.numel() * args[1][0].numel()
-        elif func is torch.ops.aten.convolution_backward.default:
-            grad, weight, mask = args[0], args[2], args[-1]
-            self.backward += grad.numel() * weight[0].numel() * sum(bool(m) for m in mask[:2])
-        return out
+    return ConvFlops()
 
 
 def test_gradient_cuts_and_kept_inputs_run_each_prefix_once_per_pass() -> None:
@@ -512,7 +504,7 @@ def test_gradient_cuts_and_kept_inputs_run_each_prefix_once_per_pass() -> None:
     for how in ("recomputed", "cut", "kept", "reused"):
         model = to_row_centric(copy.deepcopy(plain), mode="overl", rows=8)
         _cut_every_prefix(model, x, cut=how != "recomputed", keep=how in ("kept", "reused"), reuse=how == "reused")
-        counter = _ConvWork()
+        counter = _conv_flops()
         with counter:
             model(x).square().mean().backward()
         work[how] = counter
