@@ -7,7 +7,7 @@ time as ratios to the plain model measured in the same process, the planner's es
 difference, and whether the plan ran plain (and why). Records are appended to ``docs/backbones.jsonl``;
 ``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the latest run of each network.
 
-    python scripts/backbones.py                       # every network, 1024x1024 (about 20 min on 2 CPU cores)
+    python scripts/backbones.py                       # every network, 1024x1024 (about 25 min on 2 CPU cores)
     python scripts/backbones.py --only tv_resnet50_train --size 512
     python scripts/backbones.py --render              # only rebuild the table and plot
 """
