@@ -525,28 +525,34 @@ def _cut_gradients(plan: Plan) -> None:
     [ Gradient cuts ] in :mod:`lightning_lrcnn.plan`: one backward pass through the prefix instead of two),
     then keep cut inputs whole through forward for their readers, and their recomputed rows through backward,
     wherever the estimated peak does not rise."""
-    peak = estimate(plan).peak_bytes
-    for s in plan.steps:
-        if isinstance(s, Streamed):
-            s.cut = True
-            trial = estimate(plan).peak_bytes
-            if trial > peak:
-                s.cut = False
-            else:
-                peak = trial
+    peak = _set_where_peak_holds(plan, "cut", [s for s in plan.steps if isinstance(s, Streamed)],
+                                 estimate(plan).peak_bytes)
     cuts = gradient_cuts(plan)
     read = {id(s) for c in cuts.values() for s in c.at}  # in forward: by segments and statistics' passes
     reread = {id(s) for t in plan.steps if isinstance(t, Streamed) and id(t.prefix) in cuts  # in backward
               for s in cuts[id(t.prefix)].at}
     for flag, readers in (("keep", read), ("reuse", reread)):
-        for s in plan.steps:
-            if isinstance(s, Streamed) and id(s) in readers:
-                setattr(s, flag, True)
-                trial = estimate(plan).peak_bytes
-                if trial > peak:
-                    setattr(s, flag, False)
-                else:
-                    peak = trial
+        peak = _set_where_peak_holds(plan, flag, [s for s in plan.steps if id(s) in readers], peak)
+
+
+def _set_where_peak_holds(plan: Plan, flag: str, steps: list[Step], peak: int) -> int:
+    """Set ``flag`` on ``steps``: on all at once where the estimated peak does not rise above ``peak`` (one
+    estimate), else one at a time, kept where it does not. Returns the new estimated peak."""
+    for s in steps:
+        setattr(s, flag, True)
+    trial = estimate(plan).peak_bytes
+    if trial <= peak:
+        return trial
+    for s in steps:
+        setattr(s, flag, False)
+    for s in steps:
+        setattr(s, flag, True)
+        trial = estimate(plan).peak_bytes
+        if trial > peak:
+            setattr(s, flag, False)
+        else:
+            peak = trial
+    return peak
 
 
 def _fewer_boundary_rows(plan: Plan) -> None:
