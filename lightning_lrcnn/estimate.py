@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 from torch import fx
 
-from .plan import Band, Plan, Segment, Streamed, gradient_cuts, row_bytes
+from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts, last_cut_readers, row_bytes, step_segment
 from .rules import row_dim
 
 __all__ = ["Estimate", "Breakdown", "estimate", "breakdown", "estimate_plain", "segment_peaks", "segments_peak"]
@@ -102,21 +101,17 @@ def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]
     return steps, _with_cut_sums(steps, _with_row_input_grads(steps, costs), cuts)
 
 
-def _frozen(cuts: dict[int, Any], segment: Segment) -> frozenset[fx.Node]:
+def _frozen(cuts: dict[int, Cuts], segment: Segment) -> frozenset[fx.Node]:
     return cuts[id(segment)].frozen if id(segment) in cuts else frozenset()
 
 
 def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost],
-                   cuts: dict[int, Any]) -> list[_Cost]:
+                   cuts: dict[int, Cuts]) -> list[_Cost]:
     """Add each cut's gradient sum (of the streamed statistics' input, see ``plan.gradient_cuts``): alive in
     backward from the last recomputation that adds into it to the statistics' own step (again where its rows are
     reused in backward: ``Streamed.reuse``); and, where the input is kept through forward (``Streamed.keep``),
     the input itself in forward, from that step to the last reader."""
-    last: dict[int, int] = {}
-    for i, step in enumerate(steps):
-        segment = step.prefix if isinstance(step, Streamed) else step
-        for s in cuts[id(segment)].at if isinstance(segment, Segment) and id(segment) in cuts else ():
-            last[id(s)] = i
+    last = last_cut_readers(steps, cuts)
     extra, kept = [0] * len(costs), [0] * len(costs)
     for first, step in enumerate(steps):
         if isinstance(step, Streamed) and id(step) in last:
@@ -132,8 +127,8 @@ def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: 
     all its readers (see ``executor._Anchors``), alive in backward from its last reader to its first."""
     span: dict[fx.Node, tuple[int, int]] = {}
     for i, step in enumerate(steps):
-        segment = step.prefix if isinstance(step, Streamed) else step
-        if isinstance(segment, Segment):
+        segment = step_segment(step)
+        if segment is not None:
             for u in _row_inputs(segment):
                 first, _ = span.get(u, (i, i))
                 span[u] = (first, i)

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
 from .norms import batch_statistics, image_statistics, update_running_statistics
-from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts
+from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts, last_cut_readers
 from .rules import is_4d, recomputing, row_dim
 from .trace import fetch_attr
 
@@ -309,7 +309,7 @@ class _BandRunner:
                 if backward and node in cuts.fill:
                     cuts.fill[node].put(out, result)
             cut = cuts.at.get(node)
-            if cut is not None and cut.token.requires_grad and torch.is_grad_enabled():
+            if cut is not None and torch.is_grad_enabled():  # ``_cuts`` holds only tokens that require grad
                 result = _IntoCut.apply(result, cut.token, out, cut.total)
             held.setdefault(node, []).append((result, out))
             if node in wanted:
@@ -621,9 +621,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     anchors = _Anchors()
     plan_cuts = gradient_cuts(plan)
     made: dict[fx.Node, _Cut] = {}  # by the streamed statistics' input
-    none = Cuts((), frozenset())
-    last_reader = {id(s): j for j, t in enumerate(plan.steps)  # the last step that stops at each cut
-                   for s in plan_cuts.get(id(t.prefix if isinstance(t, Streamed) else t), none).at}
+    last_reader = last_cut_readers(plan.steps, plan_cuts)
     kept_until: dict[int, list[fx.Node]] = {}  # step index -> statistics' inputs kept until after it
     for i, step in enumerate(plan.steps):
         if isinstance(step, Streamed) and step.keep:

@@ -6,6 +6,7 @@ Built by :mod:`lightning_lrcnn.planner`, costed by :mod:`lightning_lrcnn.estimat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +16,8 @@ from .geometry import RowInterval
 from .norms import batch_statistics
 from .rules import NodeRule, row_dim
 
-__all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "Cuts", "gradient_cuts", "describe", "row_bytes",
-           "step_nodes", "step_reads", "step_outputs"]
+__all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "Cuts", "gradient_cuts", "last_cut_readers", "describe",
+           "row_bytes", "step_nodes", "step_reads", "step_outputs", "step_segment"]
 
 
 @dataclass
@@ -118,6 +119,11 @@ def step_outputs(step: Step) -> list[fx.Node]:
     return [step] if isinstance(step, fx.Node) else step.outputs
 
 
+def step_segment(step: Step) -> Segment | None:
+    """The bands a step runs: a segment's own, a streamed step's prefix; None for a node."""
+    return step.prefix if isinstance(step, Streamed) else step if isinstance(step, Segment) else None
+
+
 @dataclass(frozen=True)
 class Cuts:
     """Where a recomputed segment's backward stops (see :func:`gradient_cuts`)."""
@@ -151,8 +157,8 @@ def gradient_cuts(plan: Plan) -> dict[int, Cuts]:
     streamed: list[tuple[Streamed, fx.Node, set[fx.Node]]] = []  # the cut ones before this step
     cuts: dict[int, Cuts] = {}
     for step in plan.steps:
-        segment = step.prefix if isinstance(step, Streamed) else step
-        if streamed and isinstance(segment, Segment) and segment.recompute:
+        segment = step_segment(step)
+        if streamed and segment is not None and segment.recompute:
             inside, leaves = set(segment.nodes), set(segment.outputs)
             valid = [s for s, x, prefix in streamed
                      if x in inside and prefix <= inside and not prefix & leaves
@@ -164,6 +170,16 @@ def gradient_cuts(plan: Plan) -> dict[int, Cuts]:
         if isinstance(step, Streamed) and step.cut:
             streamed.append((step, step.prefix.outputs[0], set(step.prefix.nodes)))
     return cuts
+
+
+def last_cut_readers(steps: Sequence[Any], cuts: dict[int, Cuts]) -> dict[int, int]:
+    """Per cut streamed step (by ``id``), the index in ``steps`` of the last step that stops at its cut."""
+    last: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        segment = step_segment(step)
+        for s in cuts[id(segment)].at if segment is not None and id(segment) in cuts else ():
+            last[id(s)] = i
+    return last
 
 
 def row_bytes(node: fx.Node) -> int:
