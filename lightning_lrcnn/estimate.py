@@ -92,8 +92,13 @@ def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]
             costs.append(_segment_cost(step, plan.param_grads, captured, frozen=_frozen(cuts, step)))
         elif isinstance(step, Streamed):
             steps.append(step)
-            costs.append(_segment_cost(step.prefix, plan.param_grads, captured, streamed=True,
-                                       frozen=_frozen(cuts, step.prefix)))
+            cost = _segment_cost(step.prefix, plan.param_grads, captured, streamed=True,
+                                 frozen=_frozen(cuts, step.prefix))
+            if step.cut:  # its backward adds later recomputations' sum to each band's gradient: one more band
+                x = step.prefix.outputs[0]
+                cost = replace(cost, backward=cost.backward + row_bytes(x) * max(
+                    _band_rows(b, x) for b in step.prefix.bands))
+            costs.append(cost)
         else:
             for v in step.nodes if isinstance(step, Segment) else [step]:
                 steps.append(v)

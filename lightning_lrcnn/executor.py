@@ -565,7 +565,7 @@ def _cuts(segment: Segment, plan_cuts: dict[int, Cuts], made: dict[fx.Node, _Cut
     cuts = plan_cuts.get(id(segment))
     if cuts is None or not torch.is_grad_enabled():
         return _SegmentCuts()
-    prefixes = {s.prefix.outputs[0]: frozenset(s.prefix.nodes) for s in cuts.at}
+    prefixes = {s.prefix.outputs[0]: frozenset(s.prefix.nodes) & cuts.frozen for s in cuts.at}
     got = {x: made[x] for x in prefixes if x in made and made[x].token.requires_grad}
     if len(got) < len(prefixes):
         return _SegmentCuts()

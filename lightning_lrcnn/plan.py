@@ -154,22 +154,39 @@ def gradient_cuts(plan: Plan) -> dict[int, Cuts]:
     # holds in backward: the first recomputation that makes ``x``'s rows (the segment's) keeps them, and later
     # statistics' backward passes read them instead of running the prefix that makes them.
     """
+    # Where the segment also reads a value inside a prefix other than through ``x`` (a recomputed tail, see NOTE
+    # [ Recomputed tails ] in the planner: the next block's residual add reads the block output that its first
+    # convolution reads too), that value and what makes it keep autograd; the rest of the prefix is frozen.
     streamed: list[tuple[Streamed, fx.Node, set[fx.Node]]] = []  # the cut ones before this step
     cuts: dict[int, Cuts] = {}
     for step in plan.steps:
         segment = step_segment(step)
         if streamed and segment is not None and segment.recompute:
             inside, leaves = set(segment.nodes), set(segment.outputs)
-            valid = [s for s, x, prefix in streamed
-                     if x in inside and prefix <= inside and not prefix & leaves
-                     and all(u in prefix for v in prefix - {x} for u in v.users if u in inside)]
+            valid = [s for s, x, prefix in streamed if x in inside and prefix <= inside and not prefix & leaves]
             top = tuple(s for s in valid
                         if not any(s.prefix.outputs[0] in t.prefix.nodes for t in valid if t is not s))
             if top:
-                cuts[id(segment)] = Cuts(top, frozenset(v for s in top for v in s.prefix.nodes))
+                cuts[id(segment)] = Cuts(top, _frozen(top, inside))
         if isinstance(step, Streamed) and step.cut:
             streamed.append((step, step.prefix.outputs[0], set(step.prefix.nodes)))
     return cuts
+
+
+def _frozen(top: Sequence[Streamed], inside: set[fx.Node]) -> frozenset[fx.Node]:
+    """The nodes of ``top``'s prefixes a segment of ``inside`` can compute without autograd: all but those it also
+    reads other than through a statistics' input (and what makes them, back to those inputs, whose gradient goes
+    into their sums however it is read)."""
+    prefix = {v for s in top for v in s.prefix.nodes}
+    inputs = {s.prefix.outputs[0] for s in top}
+    shared = [v for v in prefix - inputs if any(u in inside and u not in prefix for u in v.users)]
+    live: set[fx.Node] = set()
+    while shared:
+        v = shared.pop()
+        if v not in live:
+            live.add(v)
+            shared.extend(u for u in v.all_input_nodes if u in prefix and u not in inputs)
+    return frozenset(prefix - live)
 
 
 def last_cut_readers(steps: Sequence[Any], cuts: dict[int, Cuts]) -> dict[int, int]:

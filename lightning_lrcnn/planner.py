@@ -20,7 +20,7 @@ from .estimate import segment_peaks as estimate_segment_peaks
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
 from .norms import batch_statistics
-from .plan import Band, Plan, Segment, Step, Streamed, gradient_cuts, row_bytes, step_outputs, step_reads
+from .plan import Band, Plan, Segment, Step, Streamed, gradient_cuts, row_bytes, step_outputs, step_reads, step_segment
 from .rules import NodeRule, concrete, is_4d, moved_row_dim, row_dim, rule_for
 from .trace import fetch_attr
 
@@ -29,6 +29,8 @@ __all__ = ["MODES", "band_count", "build_plan", "plain_plan"]
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
 MAX_OVERLAP = 0.35
+# recomputed tails (see _recompute_tails) may add at most this fraction to a training step's work
+MAX_TAIL_WORK = 0.10
 # relieving the segment at the estimated peak (more bands or a cut): at most this many times, each lowering it this much
 _MAX_REFINEMENTS = 16
 _MIN_GAIN = 0.01
@@ -336,36 +338,39 @@ def _relieve_peak(plan: Plan) -> None:
     peaks = estimate_segment_peaks(plan)
     for _ in range(_MAX_REFINEMENTS):
         top = max(p for _, p in peaks)
-        candidates = [(p, s) for s, p in peaks if isinstance(s, Segment) and p >= (1 - _MIN_GAIN) * top
-                      and all(s is not d for d in done)]
+        candidates = [(p, s) for s, p in peaks if isinstance(s, (Segment, Streamed))
+                      and p >= (1 - _MIN_GAIN) * top and all(s is not d for d in done)]
         if not candidates:
             return
         own, s = max(candidates, key=lambda ps: ps[0])
-        trial = _more_bands(plan, s, own, top) or _cut(plan, s, own, top)
+        trial = _more_bands(plan, s, own, top) or (_cut(plan, s, own, top) if isinstance(s, Segment) else None)
         if trial is None:
             done.append(s)
         else:
             peaks = trial
 
 
-def _accepted(plan: Plan, new: list[Segment], own: int, top: int,
+def _accepted(plan: Plan, new: Sequence[Segment | Streamed], own: int, top: int,
               gain: float = _MIN_GAIN) -> list[tuple[Segment | Streamed | fx.Node, int]] | None:
     """The plan's step peaks if the ``new`` segments' peaks are ``gain`` below ``own`` and none is above
     ``top``."""
     trial = estimate_segment_peaks(plan)
-    steps = {id(n) for n in new} | {id(v) for n in new if not n.recompute for v in n.nodes}  # kept: its nodes
+    steps = {id(n) for n in new} | {id(v) for n in new if isinstance(n, Segment) and not n.recompute
+                                    for v in n.nodes}  # kept: its nodes
     mine = max((p for t, p in trial if id(t) in steps), default=0)
     return trial if mine <= (1 - gain) * own and max(p for _, p in trial) <= top else None
 
 
-def _more_bands(plan: Plan, s: Segment, own: int, top: int) -> list[tuple[Segment | Streamed | fx.Node, int]] | None:
+def _more_bands(plan: Plan, step: Segment | Streamed, own: int,
+                top: int) -> list[tuple[Segment | Streamed | fx.Node, int]] | None:
+    s = step.prefix if isinstance(step, Streamed) else step
     n = len(s.bands)
     count = min(_output_rows(s), n + max(1, n // 4))
     if count <= n:
         return None
     before = s.bands, s.overlap
     _band(s, count)
-    trial = None if s.mode == "overl" and s.overlap > MAX_OVERLAP else _accepted(plan, [s], own, top)
+    trial = None if s.mode == "overl" and s.overlap > MAX_OVERLAP else _accepted(plan, [step], own, top)
     if trial is None:
         s.bands, s.overlap = before
     return trial
@@ -514,6 +519,7 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
     _relieve_peak(plan)
     _stream_statistics(plan, root)
     _merge_lone_nodes(plan)
+    _recompute_tails(plan, root)
     _relieve_peak(plan)  # streaming moved the peak
     _fewer_boundary_rows(plan)
     _cut_gradients(plan)
@@ -596,6 +602,130 @@ def _merge_lone_nodes(plan: Plan) -> None:
             plan.steps, plan.free_after, peak = trial.steps, trial.free_after, trial_peak
         else:
             i += 1
+
+
+# --------------------------------------------------------------------------------------------- recomputed tails
+
+
+def _recompute_tails(plan: Plan, root: nn.Module) -> None:
+    """Stop materialising a recomputed segment's outputs where a narrower value inside it can be kept instead,
+    and the steps that read the outputs recompute them from it (the segment's *tail*), keeping each change
+    where the estimated peak drops.
+
+    # NOTE [ Recomputed tails ]
+    # A bottleneck block's output (256 channels at 1/4 of the image in ResNet-50) is materialised for the next
+    # block, which reads it twice (its first convolution, and the residual add). Its last 1x1 convolution's
+    # input (64 channels) is a quarter of its size: keeping that, with the block input, and letting the next
+    # block's steps recompute "conv, normalise, add, activate" in their own bands trades 3/4 of the held bytes
+    # for one cheap convolution per reading band. The next block's output then needs the previous tail too, so
+    # tails chain. Per segment, the value kept is the one whose tail saves the most held bytes per unit of
+    # recomputed work (see _work); segments are tried in order of peak bytes saved per unit of added work
+    # (see _plan_work), each kept where the estimated peak drops, until tails would add MAX_TAIL_WORK to the
+    # step's work. Where the next block's statistics' prefix holds the tail, a gradient cut keeps autograd for
+    # the tail, which the residual add reads too (see NOTE [ Gradient cuts ] in plan.py).
+    """
+    peak, work = estimate(plan).peak_bytes, _plan_work(plan, root)
+    budget = (1 + MAX_TAIL_WORK) * work
+    gains: list[tuple[float, frozenset[fx.Node]]] = []  # memory saved per unit of work, each tail on its own
+    for s in plan.segments:
+        trial = _without_tail(plan, s, root) if s.recompute else None
+        if trial is not None and (trial_peak := estimate(trial).peak_bytes) < peak:
+            gains.append(((peak - trial_peak) / max(1.0, _plan_work(trial, root) - work), frozenset(s.outputs)))
+    for _, outputs in sorted(gains, key=lambda g: -g[0]):
+        s = next((t for t in plan.segments if t.recompute and frozenset(t.outputs) == outputs), None)
+        trial = None if s is None else _without_tail(plan, s, root)
+        if trial is not None and _plan_work(trial, root) <= budget:
+            trial_peak = estimate(trial).peak_bytes
+            if trial_peak <= (1 - _MIN_GAIN) * peak:
+                plan.steps, plan.free_after, peak = trial.steps, trial.free_after, trial_peak
+
+
+def _without_tail(plan: Plan, s: Segment, root: nn.Module) -> Plan | None:
+    """``plan`` with ``s``'s outputs recomputed by the steps that read them, from the value of ``s`` whose tail
+    saves the most held bytes per unit of work; None where a reader is not recomputed or nothing is saved."""
+    i = next(i for i, t in enumerate(plan.steps) if t is s)
+    outputs = set(s.outputs)
+    readers = [t for t in plan.steps[i + 1:] if outputs & set(step_reads(t))]
+    if not readers or any(not (isinstance(t, Streamed) or (isinstance(t, Segment) and t.recompute))
+                          for t in readers):
+        return None
+    if any(all(o not in step_reads(t) for t in readers) for o in s.outputs):
+        return None  # a value nothing reads (a dropped result) still runs where it is made
+    held = sum(_full_bytes(o) for o in s.outputs)
+    best: tuple[float, fx.Node | None] | None = None
+    for m in [None, *(v for v in s.nodes if v not in outputs and is_4d(v.meta.get("val")))]:
+        stop = frozenset() if m is None else frozenset({m})
+        tail = {v for o in s.outputs for v in _ancestors(s.nodes, o, stop)}
+        saved = held - (0 if m is None else _full_bytes(m))
+        if saved <= 0 or (m is not None and m in tail):
+            continue
+        work = sum(_work(v, root) for v in tail)
+        score = saved / max(work, 1)
+        if best is None or score > best[0]:
+            best = (score, m)
+    if best is None:
+        return None
+    m = best[1]
+    stop = frozenset() if m is None else frozenset({m})
+    streamed = _streamed_stats(plan)
+    order = {v: k for k, v in enumerate(plan.graph.nodes)}
+    new: list[Step] = []
+    for t in plan.steps:
+        if t is s:
+            if m is not None:
+                head = _unbanded(_ancestors(s.nodes, m), s.rules, s.mode, plan.static, streamed)
+                head.outputs = [m]
+                _band(head, len(s.bands))
+                new.append(head)
+        elif any(t is r for r in readers):
+            read = [o for o in s.outputs if o in set(step_reads(t))]
+            tail = {v for o in read for v in _ancestors(s.nodes, o, stop)}
+            segment = t.prefix if isinstance(t, Streamed) else t
+            nodes = sorted({*segment.nodes, *tail}, key=order.__getitem__)
+            merged = Segment(nodes, {**s.rules, **segment.rules}, list(segment.outputs), segment.mode)
+            if any(v in tail and v not in merged.rules[u].row_inputs for u in nodes for v in u.all_input_nodes):
+                return None  # a value read whole (a squeeze-excitation gate) is not recomputed in bands
+            _band(merged, max(len(segment.bands), len(s.bands)))
+            if merged.mode == "overl" and merged.overlap > MAX_OVERLAP:
+                return None
+            new.append(Streamed(t.stats, t.outputs, merged) if isinstance(t, Streamed) else merged)
+        else:
+            new.append(t)
+    return Plan(new, plan.static, _free_after(plan.graph, new), plan.graph, plan.param_grads)
+
+
+def _plan_work(plan: Plan, root: nn.Module) -> float:
+    """Multiply-adds of one training step of ``plan``, roughly: every node's forward work once per band it runs
+    in (halos included), and again for each recomputation (a segment's bands in backward, a streamed step's
+    backward pass), and its backward work (about twice its forward) once per band that backpropagates through it
+    (not where a gradient cut recomputes it without autograd)."""
+    cuts = gradient_cuts(plan)
+    done = 0.0
+    for step in plan.steps:
+        segment = step_segment(step)
+        if segment is None:
+            done += 3 * _work(step, root)
+            continue
+        frozen = cuts[id(segment)].frozen if id(segment) in cuts else frozenset()
+        for v in segment.nodes:
+            passes = (2 if segment.recompute else 1) + (0 if v in frozen else 2)
+            done += passes * _work(v, root) * sum(len(b.rows[v]) for b in segment.bands) / max(1, _height(v))
+    return done
+
+
+def _work(node: fx.Node, root: nn.Module) -> int:
+    """Multiply-adds of a node, roughly: its output's elements times the weights each one reads (a convolution
+    or linear layer), else its output's elements."""
+    val = node.meta.get("val")
+    if not isinstance(val, Tensor):
+        return 0
+    module = root.get_submodule(str(node.target)) if node.op == "call_module" else None
+    weights = sum(p.numel() for p in module.parameters(recurse=False)) if module is not None else 0
+    weights += sum(u.meta["val"].numel() for u in node.all_input_nodes
+                   if u.op == "get_attr" and isinstance(u.meta.get("val"), Tensor))
+    linear = isinstance(module, nn.Linear) or node.target is F.linear
+    channels = val.shape[-1] if linear and val.dim() else val.shape[1] if val.dim() > 1 else 1
+    return int(val.numel() * max(1, weights // max(1, channels)))
 
 
 # --------------------------------------------------------------------------------------------- streamed statistics
