@@ -641,45 +641,46 @@ def _recompute_tails(plan: Plan, root: nn.Module) -> None:
 
 
 def _without_tail(plan: Plan, s: Segment, root: nn.Module) -> Plan | None:
-    """``plan`` with ``s``'s outputs recomputed by the steps that read them, from the value of ``s`` whose tail
-    saves the most held bytes per unit of work; None where a reader is not recomputed or nothing is saved."""
+    """``plan`` with the outputs of ``s`` that only recomputed steps read recomputed by those steps, from the value
+    of ``s`` whose tail saves the most held bytes per unit of work (or from the inputs of ``s``); None where no
+    output can go or nothing is saved."""
     i = next(i for i, t in enumerate(plan.steps) if t is s)
-    outputs = set(s.outputs)
-    readers = [t for t in plan.steps[i + 1:] if outputs & set(step_reads(t))]
-    if not readers or any(not (isinstance(t, Streamed) or (isinstance(t, Segment) and t.recompute))
-                          for t in readers):
-        return None
-    if any(all(o not in step_reads(t) for t in readers) for o in s.outputs):
+    later = plan.steps[i + 1:]
+    readers = {o: [t for t in later if o in step_reads(t)] for o in s.outputs}
+    gone = [o for o in s.outputs if readers[o] and all(
+        isinstance(t, Streamed) or (isinstance(t, Segment) and t.recompute) for t in readers[o])]
+    if not gone:
         return None  # a value nothing reads (a dropped result) still runs where it is made
-    held = sum(_full_bytes(o) for o in s.outputs)
+    kept = [o for o in s.outputs if o not in gone]
+    held = sum(_full_bytes(o) for o in gone)
     best: tuple[float, fx.Node | None] | None = None
-    for m in [None, *(v for v in s.nodes if v not in outputs and is_4d(v.meta.get("val")))]:
-        stop = frozenset() if m is None else frozenset({m})
-        tail = {v for o in s.outputs for v in _ancestors(s.nodes, o, stop)}
+    for m in [None, *(v for v in s.nodes if v not in s.outputs and is_4d(v.meta.get("val")))]:
+        stop = frozenset(kept) | ({m} if m is not None else set())
+        tail = {v for o in gone for v in _ancestors(s.nodes, o, stop)}
         saved = held - (0 if m is None else _full_bytes(m))
-        if saved <= 0 or (m is not None and m in tail):
+        if saved <= 0:
             continue
-        work = sum(_work(v, root) for v in tail)
-        score = saved / max(work, 1)
+        score = saved / max(sum(_work(v, root) for v in tail), 1)
         if best is None or score > best[0]:
             best = (score, m)
     if best is None:
         return None
     m = best[1]
-    stop = frozenset() if m is None else frozenset({m})
+    stop = frozenset(kept) | ({m} if m is not None else set())
     streamed = _streamed_stats(plan)
     order = {v: k for k, v in enumerate(plan.graph.nodes)}
     new: list[Step] = []
     for t in plan.steps:
         if t is s:
-            if m is not None:
-                head = _unbanded(_ancestors(s.nodes, m), s.rules, s.mode, plan.static, streamed)
-                head.outputs = [m]
+            made = sorted({*kept, *([m] if m is not None else [])}, key=order.__getitem__)
+            if made:
+                head = _unbanded(sorted({v for o in made for v in _ancestors(s.nodes, o)}, key=order.__getitem__),
+                                 s.rules, s.mode, plan.static, streamed)
+                head.outputs = made
                 _band(head, len(s.bands))
                 new.append(head)
-        elif any(t is r for r in readers):
-            read = [o for o in s.outputs if o in set(step_reads(t))]
-            tail = {v for o in read for v in _ancestors(s.nodes, o, stop)}
+        elif any(t is r for o in gone for r in readers[o]):
+            tail = {v for o in gone if o in step_reads(t) for v in _ancestors(s.nodes, o, stop)}
             segment = t.prefix if isinstance(t, Streamed) else t
             nodes = sorted({*segment.nodes, *tail}, key=order.__getitem__)
             merged = Segment(nodes, {**s.rules, **segment.rules}, list(segment.outputs), segment.mode)

@@ -545,24 +545,29 @@ def test_gradient_cuts_kept_and_reused_inputs_on_real_networks(net: str, mode: s
                       prepare=lambda m, x: _cut_every_prefix(m, x, keep=True, reuse=True))
 
 
+@pytest.mark.parametrize("statistics", ["streamed", "materialised"])
 @pytest.mark.parametrize("mode", ["2ps", "overl"])
-def test_recomputed_tails_match_plain_training(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recomputed_tails_match_plain_training(mode: str, statistics: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bottleneck's output that the plan without recomputed tails materialises is recomputed by the steps that
-    read it (from its last convolution's input and the block input), and training stays exact in float64: the
-    next block's statistics' prefixes and its residual add both read the recomputed value (a gradient cut that
-    keeps autograd for the shared part)."""
+    read it, and training stays exact in float64. Streamed statistics: from its last convolution's input and the
+    block input (the next block's statistics' prefixes and its residual add both read the recomputed value: a
+    gradient cut that keeps autograd for the shared part). Materialised statistics: from the kept BatchNorm input
+    (normalise, add, activate), while the segment that made it still materialises the next convolution's output."""
     from lightning_lrcnn import planner
     from lightning_lrcnn.plan import step_outputs
 
-    def held(budget: float) -> set[str]:
-        monkeypatch.setattr(planner, "MAX_TAIL_WORK", budget)
+    if statistics == "materialised":
+        monkeypatch.setattr(planner, "_stream_statistics", lambda plan, root: None)
+    budget = planner.MAX_TAIL_WORK
+
+    def held(work: float) -> set[str]:
+        monkeypatch.setattr(planner, "MAX_TAIL_WORK", work)
         converted = to_row_centric(_real_net("torchvision_resnet50").train(), mode=mode, rows=8)
         plan = plan_for(converted, torch.randn(1, 3, 256, 192))
         return {v.name for s in plan.steps for v in step_outputs(s)}
 
-    budget = planner.MAX_TAIL_WORK
     dropped = held(0.0) - held(budget)
     assert any(name.endswith("relu_2") for name in dropped), dropped  # a block output is no longer materialised
-    monkeypatch.undo()
+    monkeypatch.setattr(planner, "MAX_TAIL_WORK", budget)
     torch.manual_seed(0)
     assert_equivalent(lambda: _real_net("torchvision_resnet50"), (1, 3, 256, 192), mode=mode, rows=8, train=True)
