@@ -256,7 +256,14 @@ def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: s
 
 def _band_costs(segment: Segment, band: Band, inside: set[fx.Node],
                 frozen: frozenset[fx.Node] = frozenset()) -> list[_Cost]:
-    """One band's nodes as steps: what each saves when recomputed, makes in forward and passes in backward."""
+    """One band's nodes as steps: what each saves when recomputed, makes in forward and passes in backward
+    (remembered on the band: a band belongs to one segment, and planning estimates the same bands often)."""
+    if frozen not in band.costs:
+        band.costs[frozen] = _band_node_costs(segment, band, inside, frozen)
+    return band.costs[frozen]
+
+
+def _band_node_costs(segment: Segment, band: Band, inside: set[fx.Node], frozen: frozenset[fx.Node]) -> list[_Cost]:
     costs = []
     for v in segment.nodes:
         rows = _band_rows(band, v)

@@ -30,6 +30,7 @@ class Band:
     carry_out: list[tuple[fx.Node, RowInterval]]  # 2PS: boundary rows handed to later bands
     release: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # after node: values no longer read
     inputs: list[tuple[fx.Node, RowInterval]] = field(default_factory=list)  # rows read of row inputs from outside
+    costs: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # the estimate's, remembered
 
 
 @dataclass
@@ -200,9 +201,14 @@ def last_cut_readers(steps: Sequence[Any], cuts: dict[int, Cuts]) -> dict[int, i
 
 
 def row_bytes(node: fx.Node) -> int:
-    """Bytes of one row (all of N, C, W) of a node's 4-D output."""
-    v = node.meta["val"]
-    return int(v.numel() // max(1, v.shape[row_dim(node)])) * v.element_size()
+    """Bytes of one row (all of N, C, W) of a node's 4-D output (remembered per value: planning asks often)."""
+    v, dim = node.meta["val"], row_dim(node)
+    known = node.meta.get("row_bytes")
+    if known is not None and known[0] is v and known[1] == dim:
+        return int(known[2])
+    size = int(v.numel() // max(1, v.shape[dim])) * v.element_size()
+    node.meta["row_bytes"] = (v, dim, size)
+    return size
 
 
 def describe(plan: Plan) -> str:

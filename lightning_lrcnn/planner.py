@@ -242,9 +242,9 @@ class _SegmentGeometry:
             carry = carry_out
         return result
 
-    def overlapped(self, bands: int) -> list[Band]:
+    def overlapped(self, count: int) -> list[Band]:
         h_main = _height(self.main)
-        cuts = self.cuts(bands, self.prefixes, h_main)
+        cuts = self.cuts(count, self.prefixes, h_main)
         prefix = [self.prefixes(c) for c in cuts]
         bands: list[Band] = []
         for r in range(1, len(cuts)):
@@ -334,7 +334,7 @@ def _relieve_peak(plan: Plan) -> None:
     Equal-byte bands leave the segments that run on top of more held memory (deeper ones: earlier segments'
     outputs, input gradients) at the peak; smaller bands there lower it.
     """
-    done: list[Segment] = []
+    done: list[Segment | Streamed] = []
     peaks = estimate_segment_peaks(plan)
     for _ in range(_MAX_REFINEMENTS):
         top = max(p for _, p in peaks)
@@ -632,8 +632,8 @@ def _recompute_tails(plan: Plan, root: nn.Module) -> None:
         if trial is not None and (trial_peak := estimate(trial).peak_bytes) < peak:
             gains.append(((peak - trial_peak) / max(1.0, _plan_work(trial, root) - work), frozenset(s.outputs)))
     for _, outputs in sorted(gains, key=lambda g: -g[0]):
-        s = next((t for t in plan.segments if t.recompute and frozenset(t.outputs) == outputs), None)
-        trial = None if s is None else _without_tail(plan, s, root)
+        now = next((t for t in plan.segments if t.recompute and frozenset(t.outputs) == outputs), None)
+        trial = None if now is None else _without_tail(plan, now, root)
         if trial is not None and _plan_work(trial, root) <= budget:
             trial_peak = estimate(trial).peak_bytes
             if trial_peak <= (1 - _MIN_GAIN) * peak:
@@ -681,7 +681,8 @@ def _without_tail(plan: Plan, s: Segment, root: nn.Module) -> Plan | None:
                 new.append(head)
         elif any(t is r for o in gone for r in readers[o]):
             tail = {v for o in gone if o in step_reads(t) for v in _ancestors(s.nodes, o, stop)}
-            segment = t.prefix if isinstance(t, Streamed) else t
+            segment = step_segment(t)
+            assert segment is not None  # a reader is a segment or a streamed step
             nodes = sorted({*segment.nodes, *tail}, key=order.__getitem__)
             merged = Segment(nodes, {**s.rules, **segment.rules}, list(segment.outputs), segment.mode)
             if any(v in tail and v not in merged.rules[u].row_inputs for u in nodes for v in u.all_input_nodes):
@@ -705,7 +706,7 @@ def _plan_work(plan: Plan, root: nn.Module) -> float:
     for step in plan.steps:
         segment = step_segment(step)
         if segment is None:
-            done += 3 * _work(step, root)
+            done += 3 * _work(step, root) if isinstance(step, fx.Node) else 0
             continue
         frozen = cuts[id(segment)].frozen if id(segment) in cuts else frozenset()
         for v in segment.nodes:
@@ -720,13 +721,18 @@ def _work(node: fx.Node, root: nn.Module) -> int:
     val = node.meta.get("val")
     if not isinstance(val, Tensor):
         return 0
+    known = node.meta.get("work")
+    if known is not None and known[0] is val:
+        return int(known[1])
     module = root.get_submodule(str(node.target)) if node.op == "call_module" else None
     weights = sum(p.numel() for p in module.parameters(recurse=False)) if module is not None else 0
     weights += sum(u.meta["val"].numel() for u in node.all_input_nodes
                    if u.op == "get_attr" and isinstance(u.meta.get("val"), Tensor))
     linear = isinstance(module, nn.Linear) or node.target is F.linear
     channels = val.shape[-1] if linear and val.dim() else val.shape[1] if val.dim() > 1 else 1
-    return int(val.numel() * max(1, weights // max(1, channels)))
+    work = int(val.numel() * max(1, weights // max(1, channels)))
+    node.meta["work"] = (val, work)
+    return work
 
 
 # --------------------------------------------------------------------------------------------- streamed statistics
