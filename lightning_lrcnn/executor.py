@@ -514,7 +514,7 @@ class _PrefixRun:
                 for k, g in enumerate(rest):
                     if g is not None:
                         whole[k] = g if whole[k] is None else whole[k].add_(g)
-                del x, rows, grads, row_grads, rest
+                del x, rows, got, grads, row_grads, rest, g  # nothing of this band lives into the next
         self.into.total = None
         return [*whole, *(None for _ in self.sums), *(torch.zeros_like(c.token) for c in self.cuts.at.values())]
 
