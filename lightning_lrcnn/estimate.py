@@ -21,7 +21,18 @@ from dataclasses import dataclass, replace
 
 from torch import fx
 
-from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts, last_cut_readers, row_bytes, step_segment
+from .plan import (
+    Band,
+    Cuts,
+    Plan,
+    Segment,
+    Streamed,
+    frozen_nodes,
+    gradient_cuts,
+    last_cut_readers,
+    row_bytes,
+    step_segment,
+)
 from .rules import row_dim
 
 __all__ = ["Estimate", "Breakdown", "estimate", "breakdown", "estimate_plain", "segment_peaks", "segments_peak"]
@@ -89,11 +100,11 @@ def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]
     for step in plan.steps:
         if isinstance(step, Segment) and step.recompute:
             steps.append(step)
-            costs.append(_segment_cost(step, plan.param_grads, captured, frozen=_frozen(cuts, step)))
+            costs.append(_segment_cost(step, plan.param_grads, captured, frozen=frozen_nodes(cuts, step)))
         elif isinstance(step, Streamed):
             steps.append(step)
             cost = _segment_cost(step.prefix, plan.param_grads, captured, streamed=True,
-                                 frozen=_frozen(cuts, step.prefix))
+                                 frozen=frozen_nodes(cuts, step.prefix))
             if step.cut:  # its backward adds later recomputations' sum to each band's gradient: one more band
                 x = step.prefix.outputs[0]
                 cost = replace(cost, backward=cost.backward + row_bytes(x) * max(
@@ -104,10 +115,6 @@ def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]
                 steps.append(v)
                 costs.append(_node_cost(v, plan, captured))
     return steps, _with_cut_sums(steps, _with_row_input_grads(steps, costs), cuts)
-
-
-def _frozen(cuts: dict[int, Cuts], segment: Segment) -> frozenset[fx.Node]:
-    return cuts[id(segment)].frozen if id(segment) in cuts else frozenset()
 
 
 def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost],

@@ -16,8 +16,8 @@ from .geometry import RowInterval
 from .norms import batch_statistics
 from .rules import NodeRule, row_dim
 
-__all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "Cuts", "gradient_cuts", "last_cut_readers", "describe",
-           "row_bytes", "step_nodes", "step_reads", "step_outputs", "step_segment"]
+__all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "Cuts", "gradient_cuts", "frozen_nodes", "last_cut_readers",
+           "describe", "row_bytes", "step_nodes", "step_reads", "step_outputs", "step_segment"]
 
 
 @dataclass
@@ -168,13 +168,13 @@ def gradient_cuts(plan: Plan) -> dict[int, Cuts]:
             top = tuple(s for s in valid
                         if not any(s.prefix.outputs[0] in t.prefix.nodes for t in valid if t is not s))
             if top:
-                cuts[id(segment)] = Cuts(top, _frozen(top, inside))
+                cuts[id(segment)] = Cuts(top, _without_autograd(top, inside))
         if isinstance(step, Streamed) and step.cut:
             streamed.append((step, step.prefix.outputs[0], set(step.prefix.nodes)))
     return cuts
 
 
-def _frozen(top: Sequence[Streamed], inside: set[fx.Node]) -> frozenset[fx.Node]:
+def _without_autograd(top: Sequence[Streamed], inside: set[fx.Node]) -> frozenset[fx.Node]:
     """The nodes of ``top``'s prefixes a segment of ``inside`` can compute without autograd: all but those it also
     reads other than through a statistics' input (and what makes them, back to those inputs, whose gradient goes
     into their sums however it is read)."""
@@ -188,6 +188,11 @@ def _frozen(top: Sequence[Streamed], inside: set[fx.Node]) -> frozenset[fx.Node]
             live.add(v)
             shared.extend(u for u in v.all_input_nodes if u in prefix and u not in inputs)
     return frozenset(prefix - live)
+
+
+def frozen_nodes(cuts: dict[int, Cuts], segment: Segment) -> frozenset[fx.Node]:
+    """The nodes ``segment`` computes without autograd at the plan's ``cuts`` (none where it stops at none)."""
+    return cuts[id(segment)].frozen if id(segment) in cuts else frozenset()
 
 
 def last_cut_readers(steps: Sequence[Any], cuts: dict[int, Cuts]) -> dict[int, int]:

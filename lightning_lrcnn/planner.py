@@ -20,7 +20,19 @@ from .estimate import segment_peaks as estimate_segment_peaks
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
 from .norms import batch_statistics
-from .plan import Band, Plan, Segment, Step, Streamed, gradient_cuts, row_bytes, step_outputs, step_reads, step_segment
+from .plan import (
+    Band,
+    Plan,
+    Segment,
+    Step,
+    Streamed,
+    frozen_nodes,
+    gradient_cuts,
+    row_bytes,
+    step_outputs,
+    step_reads,
+    step_segment,
+)
 from .rules import NodeRule, concrete, is_4d, moved_row_dim, row_dim, rule_for
 from .trace import fetch_attr
 
@@ -363,7 +375,8 @@ def _accepted(plan: Plan, new: Sequence[Segment | Streamed], own: int, top: int,
 
 def _more_bands(plan: Plan, step: Segment | Streamed, own: int,
                 top: int) -> list[tuple[Segment | Streamed | fx.Node, int]] | None:
-    s = step.prefix if isinstance(step, Streamed) else step
+    s = step_segment(step)
+    assert s is not None
     n = len(s.bands)
     count = min(_output_rows(s), n + max(1, n // 4))
     if count <= n:
@@ -645,18 +658,21 @@ def _without_tail(plan: Plan, s: Segment, root: nn.Module) -> Plan | None:
     of ``s`` whose tail saves the most held bytes per unit of work (or from the inputs of ``s``); None where no
     output can go or nothing is saved."""
     i = next(i for i, t in enumerate(plan.steps) if t is s)
-    later = plan.steps[i + 1:]
-    readers = {o: [t for t in later if o in step_reads(t)] for o in s.outputs}
+    reads = {id(t): set(step_reads(t)) for t in plan.steps[i + 1:]}  # what each later step reads
+    readers = {o: [t for t in plan.steps[i + 1:] if o in reads[id(t)]] for o in s.outputs}
     gone = [o for o in s.outputs if readers[o] and all(
         isinstance(t, Streamed) or (isinstance(t, Segment) and t.recompute) for t in readers[o])]
     if not gone:
         return None  # a value nothing reads (a dropped result) still runs where it is made
     kept = [o for o in s.outputs if o not in gone]
     held = sum(_full_bytes(o) for o in gone)
+
+    def stop_at(m: fx.Node | None) -> frozenset[fx.Node]:  # what the tail from ``m`` reads materialised
+        return frozenset(kept) | ({m} if m is not None else set())
+
     best: tuple[float, fx.Node | None] | None = None
     for m in [None, *(v for v in s.nodes if v not in s.outputs and is_4d(v.meta.get("val")))]:
-        stop = frozenset(kept) | ({m} if m is not None else set())
-        tail = {v for o in gone for v in _ancestors(s.nodes, o, stop)}
+        tail = {v for o in gone for v in _ancestors(s.nodes, o, stop_at(m))}
         saved = held - (0 if m is None else _full_bytes(m))
         if saved <= 0:
             continue
@@ -666,7 +682,7 @@ def _without_tail(plan: Plan, s: Segment, root: nn.Module) -> Plan | None:
     if best is None:
         return None
     m = best[1]
-    stop = frozenset(kept) | ({m} if m is not None else set())
+    stop = stop_at(m)
     streamed = _streamed_stats(plan)
     order = {v: k for k, v in enumerate(plan.graph.nodes)}
     new: list[Step] = []
@@ -679,8 +695,8 @@ def _without_tail(plan: Plan, s: Segment, root: nn.Module) -> Plan | None:
                 head.outputs = made
                 _band(head, len(s.bands))
                 new.append(head)
-        elif any(t is r for o in gone for r in readers[o]):
-            tail = {v for o in gone if o in step_reads(t) for v in _ancestors(s.nodes, o, stop)}
+        elif id(t) in reads and reads[id(t)] & set(gone):
+            tail = {v for o in gone if o in reads[id(t)] for v in _ancestors(s.nodes, o, stop)}
             segment = step_segment(t)
             assert segment is not None  # a reader is a segment or a streamed step
             nodes = sorted({*segment.nodes, *tail}, key=order.__getitem__)
@@ -708,7 +724,7 @@ def _plan_work(plan: Plan, root: nn.Module) -> float:
         if segment is None:
             done += 3 * _work(step, root) if isinstance(step, fx.Node) else 0
             continue
-        frozen = cuts[id(segment)].frozen if id(segment) in cuts else frozenset()
+        frozen = frozen_nodes(cuts, segment)
         for v in segment.nodes:
             passes = (2 if segment.recompute else 1) + (0 if v in frozen else 2)
             done += passes * _work(v, root) * sum(len(b.rows[v]) for b in segment.bands) / max(1, _height(v))
