@@ -571,3 +571,44 @@ def test_recomputed_tails_match_plain_training(mode: str, statistics: str, monke
     monkeypatch.setattr(planner, "MAX_TAIL_WORK", budget)
     torch.manual_seed(0)
     assert_equivalent(lambda: _real_net("torchvision_resnet50"), (1, 3, 256, 192), mode=mode, rows=8, train=True)
+
+
+def test_streamed_backward_lets_each_band_go_before_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed statistics' backward recomputes its prefix band by band: the input-row gradients one band made
+    (added into their sums) are gone before the next band is recomputed, so only one band's gradients live."""
+    import weakref
+
+    from lightning_lrcnn import executor
+
+    model = to_row_centric(_bn_stack().train(), mode="overl", rows=4)
+    x = torch.randn(2, 3, 160, 40, requires_grad=True)  # its rows' gradients go into a sum too
+    plan = plan_for(model, x)
+    assert any(isinstance(s, Streamed) and len(s.prefix.bands) > 1 for s in plan.steps), describe(plan)
+    made: list[weakref.ref[torch.Tensor]] = []
+    alive: list[int] = []
+    in_prefix_backward = [False]
+    add, band, backward = executor._GradSum.add, executor._PrefixRun.band, executor._PrefixRun.backward
+
+    def recording_add(self: Any, rows: Any, grad: torch.Tensor) -> None:
+        if in_prefix_backward[0]:
+            made.append(weakref.ref(grad))
+        add(self, rows, grad)
+
+    def checking_band(self: Any, i: int, env: Any, grad: bool, cuts: Any = None) -> Any:
+        if grad:
+            alive.append(sum(r() is not None for r in made))
+        return band(self, i, env, grad, cuts)
+
+    def flagged_backward(self: Any, grad_of: Any) -> Any:
+        in_prefix_backward[0] = True
+        try:
+            return backward(self, grad_of)
+        finally:
+            in_prefix_backward[0] = False
+
+    monkeypatch.setattr(executor._GradSum, "add", recording_add)
+    monkeypatch.setattr(executor._PrefixRun, "band", checking_band)
+    monkeypatch.setattr(executor._PrefixRun, "backward", flagged_backward)
+    model(x).square().mean().backward()
+    assert made, "no streamed backward added row gradients"
+    assert len(alive) > 1 and not any(alive), alive
