@@ -22,7 +22,7 @@ from torch import Tensor, fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import RowInterval
-from .norms import batch_statistics, image_statistics, update_running_statistics
+from .norms import batch_statistics, image_statistics, update_running_statistics, var_mean
 from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts, last_cut_readers
 from .rules import is_4d, recomputing, row_dim
 from .trace import fetch_attr
@@ -468,7 +468,7 @@ class _PrefixRun:
                 n = x.numel() // x.shape[1]
                 if n == 0:
                     continue
-                var_b, mean_b = (t.double() for t in torch.var_mean(x, dim=(0, 2, 3), correction=0))
+                var_b, mean_b = (t.double().reshape(-1) for t in var_mean(x, (0, 2, 3)))
                 if mean is None:
                     count, mean, m2 = n, mean_b, var_b * n
                     continue
