@@ -21,7 +21,7 @@ from lightning_lrcnn.convert import plan_for
 from lightning_lrcnn.estimate import estimate
 from lightning_lrcnn.memory import measure
 from lightning_lrcnn.models import UNet
-from lightning_lrcnn.norms import batch_statistics, normalize
+from lightning_lrcnn.norms import batch_statistics, normalize, var_mean
 from lightning_lrcnn.plan import Plan, Streamed, describe, gradient_cuts
 
 banded_anyway = pytest.mark.usefixtures("banded_anyway")  # small sizes: see conftest
@@ -32,6 +32,31 @@ NORMS = {
     "instance": lambda c: nn.InstanceNorm2d(c),
     "instance_running": lambda c: nn.InstanceNorm2d(c, affine=True, track_running_stats=True),  # stays global
 }
+
+
+@pytest.mark.parametrize(("shape", "dims"), [
+    ((2, 8, 300, 300), (0, 2, 3)),  # over 2**20 elements: the squared deviations are summed in slices
+    ((1, 4, 2, 9, 11), (2, 3, 4)),  # grouped, per sample (GroupNorm)
+    ((5, 3), (0,)),  # BatchNorm1d
+    ((3, 7, 1, 1), (0, 2, 3)),
+])
+def test_var_mean_matches_torch(shape: tuple[int, ...], dims: tuple[int, ...]) -> None:
+    """The two-pass statistics equal ``torch.var_mean(correction=0)`` in float64, far from zero mean too."""
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 100
+    var, mean = var_mean(x, dims)
+    want_var, want_mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    assert var.shape == want_var.shape and mean.shape == want_mean.shape
+    torch.testing.assert_close(var, want_var, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-13, atol=0)
+
+
+def test_var_mean_sums_half_precision_in_float32() -> None:
+    x = (torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0)) * 3 + 100).bfloat16()
+    var, mean = var_mean(x, (0, 2, 3))
+    want_var, want_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0, keepdim=True)
+    assert var.dtype == mean.dtype == torch.float32
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
 
 
 class NormUNet(nn.Module):
