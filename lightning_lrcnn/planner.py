@@ -536,7 +536,23 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
     _relieve_peak(plan)  # streaming moved the peak
     _fewer_boundary_rows(plan)
     _cut_gradients(plan)
+    _keep_where_peak_holds(plan)
     return plan
+
+
+def _keep_where_peak_holds(plan: Plan) -> None:
+    """Run plainly (kept for backward, no recomputation) each recomputed segment whose activations fit under
+    the estimated peak, deepest first: its forward runs once instead of twice and its bands' overhead goes,
+    at no cost in peak memory. A segment's activations live from its forward to its backward; where the peak
+    is elsewhere (typically the backward of an early, high-resolution segment), deep segments fit."""
+    peak = estimate(plan).peak_bytes
+    for s in reversed(plan.segments):
+        if not s.recompute:
+            continue
+        before = s.bands, s.overlap
+        _keep_plain(s)
+        if estimate(plan).peak_bytes > peak:
+            s.bands, s.overlap, s.recompute = before[0], before[1], True
 
 
 def _cut_gradients(plan: Plan) -> None:

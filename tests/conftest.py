@@ -132,6 +132,7 @@ def banded_anyway(monkeypatch: pytest.MonkeyPatch) -> None:
     for that): no fallback to the plain model, no segment kept plain. Both are tested on their own."""
     monkeypatch.setattr("lightning_lrcnn.convert._never_worse", lambda plan, traced: plan)
     monkeypatch.setattr("lightning_lrcnn.planner._keep_small_segments", lambda segments, param_grads: None)
+    monkeypatch.setattr("lightning_lrcnn.planner._keep_where_peak_holds", lambda plan: None)
 
 
 class RecordOps(TorchDispatchMode):

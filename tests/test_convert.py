@@ -339,3 +339,29 @@ def test_more_2ps_bands_do_not_raise_the_peak() -> None:
     assert peaks[64] <= 1.02 * peaks[8], peaks
     assert bands[64] < 64, bands
     assert_equivalent(lambda: torchvision.models.vgg16().features, (1, 3, 160, 96), mode="2ps", rows=64)
+
+
+@pytest.mark.parametrize(("mode", "shape"), [("2ps", (1, 3, 512, 384)), ("overl", (1, 3, 256, 224))])
+def test_segments_that_fit_under_the_peak_run_once(mode: str, shape: tuple[int, ...],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep segments whose activations fit under the estimated peak are kept for backward instead of
+    recomputed (``planner._keep_where_peak_holds``): the estimated peak does not rise, fewer convolutions run
+    in forward, and training stays exact (float64, bands asserted)."""
+    from lightning_lrcnn import planner
+
+    def make() -> nn.Module:
+        return torchvision.models.resnet18(weights=None)
+
+    x = torch.randn(*shape)
+    plans = {}
+    for on in (False, True):
+        if not on:
+            monkeypatch.setattr(planner, "_keep_where_peak_holds", lambda plan: None)
+        else:
+            monkeypatch.undo()
+        model = to_row_centric(make().train(), mode=mode, rows=8, batchnorm="freeze")
+        plans[on] = plan_for(model, x)
+    recomputed = {on: sum(s.recompute for s in plan.segments) for on, plan in plans.items()}
+    assert recomputed[True] < recomputed[False], (describe(plans[False]), describe(plans[True]))
+    assert estimate(plans[True]).peak_bytes <= estimate(plans[False]).peak_bytes
+    assert_equivalent(make, shape, mode=mode, rows=8, batchnorm="freeze", tallest=True)
