@@ -20,6 +20,7 @@ import copy
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -267,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         meta = {"device_name": name, "torch": torch.__version__,
                 "date": datetime.datetime.now().isoformat(timespec="minutes")}
+        if device.type == "cpu" and os.environ.get("MALLOC_MMAP_MAX_") == "0":
+            meta["note"] = ("Timed with glibc keeping freed memory (`MALLOC_MMAP_MAX_=0`, `MALLOC_TRIM_THRESHOLD_` "
+                            "large), as `scripts/backbones.py` does: no step pays for page-faulting fresh buffers in.")
         if device.type == "cuda":
             meta["precision"] = "TF32 convolutions (PyTorch default)" if torch.backends.cudnn.allow_tf32 \
                 else "fp32 (TF32 off)"
