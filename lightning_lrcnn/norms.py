@@ -97,6 +97,7 @@ def var_mean(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
     ``max(x / 16, 2**20 elements)``. As accurate as ``torch.var_mean`` and, reducing over (N, H, W) of an NCHW
     tensor on CPU, over ten times faster (measured: 1.5 ms against 0.1 ms for a 64x40x256 band). Half-precision
     inputs are summed, and their statistics returned, in float32."""
+    dims = tuple(dims)
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # half inputs: float32 sums
     mean = x.mean(dims, keepdim=True, dtype=acc)
     if x.numel() == 0:
