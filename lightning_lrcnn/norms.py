@@ -98,10 +98,10 @@ def var_mean(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
     tensor on CPU, over ten times faster (measured: 1.5 ms against 0.1 ms for a 64x40x256 band). Half-precision
     inputs are summed, and their statistics returned, in float32."""
     dims = tuple(dims)
+    if x.numel() == 0:
+        return torch.var_mean(x, dim=dims, correction=0, keepdim=True)
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # half inputs: float32 sums
     mean = x.mean(dims, keepdim=True, dtype=acc)
-    if x.numel() == 0:
-        return torch.var_mean(x, dim=list(dims), correction=0, keepdim=True)
     axis = max(dims, key=lambda d: x.shape[d])
     size = x.shape[axis]
     slices = min(size, max(1, -(-x.numel() // max(x.numel() // 16, 2**20))))

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_lrcnn import PlanError, TraceError, is_row_centric, restore, row_centric_config, to_row_centric
 from lightning_lrcnn.convert import plan_for
 from lightning_lrcnn.estimate import estimate, estimate_plain
-from lightning_lrcnn.plan import describe
+from lightning_lrcnn.plan import Plan, describe
 
 
 def _net() -> nn.Module:
@@ -352,15 +352,13 @@ def test_segments_that_fit_under_the_peak_run_once(mode: str, shape: tuple[int, 
     def make() -> nn.Module:
         return torchvision.models.resnet18(weights=None)
 
-    x = torch.randn(*shape)
-    plans = {}
-    for on in (False, True):
-        if not on:
-            monkeypatch.setattr(planner, "_keep_where_peak_holds", lambda plan: None)
-        else:
-            monkeypatch.undo()
-        model = to_row_centric(make().train(), mode=mode, rows=8, batchnorm="freeze")
-        plans[on] = plan_for(model, x)
+    def planned() -> Plan:
+        return plan_for(to_row_centric(make().train(), mode=mode, rows=8, batchnorm="freeze"), torch.randn(*shape))
+
+    plans = {True: planned()}
+    monkeypatch.setattr(planner, "_keep_where_peak_holds", lambda plan: None)
+    plans[False] = planned()
+    monkeypatch.undo()
     recomputed = {on: sum(s.recompute for s in plan.segments) for on, plan in plans.items()}
     assert recomputed[True] < recomputed[False], (describe(plans[False]), describe(plans[True]))
     assert estimate(plans[True]).peak_bytes <= estimate(plans[False]).peak_bytes
