@@ -35,7 +35,8 @@ from .plan import (
 )
 from .rules import row_dim
 
-__all__ = ["Estimate", "Breakdown", "estimate", "breakdown", "estimate_plain", "segment_peaks", "segments_peak"]
+__all__ = ["Estimate", "Breakdown", "estimate", "peak_bytes", "breakdown", "estimate_plain", "segment_peaks",
+           "segments_peak"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,12 @@ class Breakdown:
 
 def estimate(plan: Plan) -> Estimate:
     """Estimated peak of one training step (forward and backward) of ``plan`` and its recompute cost."""
-    return Estimate(max((p for _, p in segment_peaks(plan)), default=0), _extra_compute(plan))
+    return Estimate(peak_bytes(plan), _extra_compute(plan))
+
+
+def peak_bytes(plan: Plan) -> int:
+    """``estimate(plan).peak_bytes`` alone (what the planner compares its trials by)."""
+    return max((p for _, p in segment_peaks(plan)), default=0)
 
 
 def segment_peaks(plan: Plan) -> list[tuple[Segment | Streamed | fx.Node, int]]:

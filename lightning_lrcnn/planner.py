@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import PlanError
-from .estimate import estimate, segments_peak
+from .estimate import peak_bytes, segments_peak
 from .estimate import segment_peaks as estimate_segment_peaks
 from .geometry import RowInterval
 from .mutation import make_writes_explicit
@@ -511,7 +511,7 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     # whether to cut regions down to pieces of one band is decided on the finished plans' estimates
     plans = [_plan_regions(graph, root, regions, rules, static, param_grads, mode, band_bytes, cut_whole)
              for cut_whole in (True, False)]
-    return min(plans, key=lambda plan: estimate(plan).peak_bytes)
+    return min(plans, key=lambda plan: peak_bytes(plan))
 
 
 def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]], rules: dict[fx.Node, NodeRule],
@@ -537,6 +537,7 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
     _fewer_boundary_rows(plan)
     _cut_gradients(plan)
     _keep_where_peak_holds(plan)
+    _fewer_bands_where_peak_holds(plan)
     return plan
 
 
@@ -545,14 +546,33 @@ def _keep_where_peak_holds(plan: Plan) -> None:
     the estimated peak, deepest first: its forward runs once instead of twice and its bands' overhead goes,
     at no cost in peak memory. A segment's activations live from its forward to its backward; where the peak
     is elsewhere (typically the backward of an early, high-resolution segment), deep segments fit."""
-    peak = estimate(plan).peak_bytes
+    peak = peak_bytes(plan)
     for s in reversed(plan.segments):
         if not s.recompute:
             continue
         before = s.bands, s.overlap
         _keep_plain(s)
-        if estimate(plan).peak_bytes > peak:
+        if peak_bytes(plan) > peak:
             s.bands, s.overlap, s.recompute = before[0], before[1], True
+
+
+def _fewer_bands_where_peak_holds(plan: Plan) -> None:
+    """Halve the bands of each recomputed segment, deepest first, as long as the estimated peak does not rise:
+    the same rows in fewer, taller bands cost less time (fewer calls, each convolution's weight gradient summed
+    fewer times, and in OverL less halo recomputation) where the segment's bands are not what sets the peak."""
+    peak = peak_bytes(plan)
+    for s in reversed(plan.segments):
+        fewer = True
+        while fewer and s.recompute and len(s.bands) > 1:
+            fewer = False
+            n = len(s.bands)
+            for count in ((n + 1) // 2, n - max(1, n // 4)):  # half, else a quarter fewer
+                before = s.bands, s.overlap
+                _band(s, count)
+                if len(s.bands) < n and peak_bytes(plan) <= peak:
+                    fewer = True
+                    break
+                s.bands, s.overlap = before
 
 
 def _cut_gradients(plan: Plan) -> None:
@@ -561,7 +581,7 @@ def _cut_gradients(plan: Plan) -> None:
     then keep cut inputs whole through forward for their readers, and their recomputed rows through backward,
     wherever the estimated peak does not rise."""
     peak = _set_where_peak_holds(plan, "cut", [s for s in plan.steps if isinstance(s, Streamed)],
-                                 estimate(plan).peak_bytes)
+                                 peak_bytes(plan))
     cuts = gradient_cuts(plan)
     read = {id(s) for c in cuts.values() for s in c.at}  # in forward: by segments and statistics' passes
     reread = {id(s) for t in plan.steps if isinstance(t, Streamed) and id(t.prefix) in cuts  # in backward
@@ -575,14 +595,14 @@ def _set_where_peak_holds(plan: Plan, flag: str, steps: list[Step], peak: int) -
     estimate), else one at a time, kept where it does not. Returns the new estimated peak."""
     for s in steps:
         setattr(s, flag, True)
-    trial = estimate(plan).peak_bytes
+    trial = peak_bytes(plan)
     if trial <= peak:
         return trial
     for s in steps:
         setattr(s, flag, False)
     for s in steps:
         setattr(s, flag, True)
-        trial = estimate(plan).peak_bytes
+        trial = peak_bytes(plan)
         if trial > peak:
             setattr(s, flag, False)
         else:
@@ -594,12 +614,12 @@ def _fewer_boundary_rows(plan: Plan) -> None:
     """Give 2PS segments 25% fewer bands while that lowers the estimated peak (by ``_MIN_GAIN``, as bands are
     added): every band's boundary rows are held for backward, so a segment's bands can cost more, where later
     steps run on top of them, than they save in its own transients (VGG-16 with many bands)."""
-    peak = estimate(plan).peak_bytes
+    peak = peak_bytes(plan)
     for s in plan.segments:
         while s.mode == "2ps" and s.recompute and len(s.bands) > 1:
             before = s.bands, s.overlap
             _band(s, len(s.bands) - max(1, len(s.bands) // 4))
-            trial = estimate(plan).peak_bytes
+            trial = peak_bytes(plan)
             if trial > (1 - _MIN_GAIN) * peak:
                 s.bands, s.overlap = before
                 break
@@ -610,7 +630,7 @@ def _merge_lone_nodes(plan: Plan) -> None:
     """Merge a recomputed segment of one node (a block's last activation, left alone when statistics were
     streamed around it) into the recomputed segment just before it where that reads one of its outputs, keeping
     the merge where the estimated peak does not rise: the value between them is then never materialised."""
-    peak = estimate(plan).peak_bytes
+    peak = peak_bytes(plan)
     streamed = _streamed_stats(plan)
     i = 1
     while i < len(plan.steps):
@@ -626,7 +646,7 @@ def _merge_lone_nodes(plan: Plan) -> None:
         trial = Plan([*plan.steps[: i - 1], merged, *plan.steps[i + 1 :]], plan.static, [], plan.graph,
                      plan.param_grads)
         trial.free_after = _free_after(plan.graph, trial.steps)
-        trial_peak = estimate(trial).peak_bytes
+        trial_peak = peak_bytes(trial)
         if trial_peak <= peak and not (merged.mode == "overl" and merged.overlap > MAX_OVERLAP):
             plan.steps, plan.free_after, peak = trial.steps, trial.free_after, trial_peak
         else:
@@ -653,18 +673,18 @@ def _recompute_tails(plan: Plan, root: nn.Module) -> None:
     # step's work. Where the next block's statistics' prefix holds the tail, a gradient cut keeps autograd for
     # the tail, which the residual add reads too (see NOTE [ Gradient cuts ] in plan.py).
     """
-    peak, work = estimate(plan).peak_bytes, _plan_work(plan, root)
+    peak, work = peak_bytes(plan), _plan_work(plan, root)
     budget = (1 + MAX_TAIL_WORK) * work
     gains: list[tuple[float, frozenset[fx.Node]]] = []  # memory saved per unit of work, each tail on its own
     for s in plan.segments:
         trial = _without_tail(plan, s, root) if s.recompute else None
-        if trial is not None and (trial_peak := estimate(trial).peak_bytes) < peak:
+        if trial is not None and (trial_peak := peak_bytes(trial)) < peak:
             gains.append(((peak - trial_peak) / max(1.0, _plan_work(trial, root) - work), frozenset(s.outputs)))
     for _, outputs in sorted(gains, key=lambda g: -g[0]):
         now = next((t for t in plan.segments if t.recompute and frozenset(t.outputs) == outputs), None)
         trial = None if now is None else _without_tail(plan, now, root)
         if trial is not None and _plan_work(trial, root) <= budget:
-            trial_peak = estimate(trial).peak_bytes
+            trial_peak = peak_bytes(trial)
             if trial_peak <= (1 - _MIN_GAIN) * peak:
                 plan.steps, plan.free_after, peak = trial.steps, trial.free_after, trial_peak
 
@@ -781,12 +801,12 @@ def _stream_statistics(plan: Plan, root: nn.Module) -> None:
     # it recomputes the input's rows itself. Chained BatchNorms make ever longer prefixes (more recomputation,
     # less memory): each is kept only where the estimate says the step's peak drops.
     """
-    peak = estimate(plan).peak_bytes
+    peak = peak_bytes(plan)
     for stats in [s for s in plan.steps if isinstance(s, fx.Node) and streamable(s, root)]:
         trial = _streamed(plan, stats)
         if trial is None:
             continue
-        trial_peak = estimate(trial).peak_bytes
+        trial_peak = peak_bytes(trial)
         if trial_peak < peak:
             plan.steps, plan.free_after, peak = trial.steps, trial.free_after, trial_peak
 
