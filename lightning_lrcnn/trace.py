@@ -172,9 +172,13 @@ def _trace(module: nn.Module, tracer: _Tracer, shapes: str = "") -> fx.GraphModu
     except Exception as exc:
         where = f" in submodule {tracer.failed_in!r}" if tracer.failed_in else ""
         hint = repr(tracer.failed_in) if tracer.failed_in else "'name.of.submodule'"
+        kind = "a module name or type"
+        if tracer.failed_in:  # its type covers every block of that type, where a network repeats it
+            cls = type(module.get_submodule(tracer.failed_in))
+            kind = f"a module name, or its type {cls.__module__}.{cls.__qualname__} for every such module"
         raise TraceError(
             f"cannot trace {type(module).__name__} with torch.fx{shapes}{where}: {type(exc).__name__}: {exc}. "
-            f"Remedy: pass leaf_modules=[{hint}] (a module name or type; it then runs as one global op on the "
+            f"Remedy: pass leaf_modules=[{hint}] ({kind}; it then runs as one global op on the "
             "full tensor) or autowrap_functions=[fn] for a free function with data-dependent control flow."
         ) from exc
     finally:
