@@ -537,7 +537,6 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
     _fewer_boundary_rows(plan)
     _cut_gradients(plan)
     _keep_where_peak_holds(plan)
-    _fewer_bands_where_peak_holds(plan)
     return plan
 
 
@@ -554,25 +553,6 @@ def _keep_where_peak_holds(plan: Plan) -> None:
         _keep_plain(s)
         if peak_bytes(plan) > peak:
             s.bands, s.overlap, s.recompute = before[0], before[1], True
-
-
-def _fewer_bands_where_peak_holds(plan: Plan) -> None:
-    """Halve the bands of each recomputed segment, deepest first, as long as the estimated peak does not rise:
-    the same rows in fewer, taller bands cost less time (fewer calls, each convolution's weight gradient summed
-    fewer times, and in OverL less halo recomputation) where the segment's bands are not what sets the peak."""
-    peak = peak_bytes(plan)
-    for s in reversed(plan.segments):
-        fewer = True
-        while fewer and s.recompute and len(s.bands) > 1:
-            fewer = False
-            n = len(s.bands)
-            for count in ((n + 1) // 2, n - max(1, n // 4)):  # half, else a quarter fewer
-                before = s.bands, s.overlap
-                _band(s, count)
-                if len(s.bands) < n and peak_bytes(plan) <= peak:
-                    fewer = True
-                    break
-                s.bands, s.overlap = before
 
 
 def _cut_gradients(plan: Plan) -> None:

@@ -133,7 +133,6 @@ def banded_anyway(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("lightning_lrcnn.convert._never_worse", lambda plan, traced: plan)
     monkeypatch.setattr("lightning_lrcnn.planner._keep_small_segments", lambda segments, param_grads: None)
     monkeypatch.setattr("lightning_lrcnn.planner._keep_where_peak_holds", lambda plan: None)
-    monkeypatch.setattr("lightning_lrcnn.planner._fewer_bands_where_peak_holds", lambda plan: None)
 
 
 class RecordOps(TorchDispatchMode):

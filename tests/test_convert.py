@@ -364,27 +364,3 @@ def test_segments_that_fit_under_the_peak_run_once(mode: str, shape: tuple[int, 
     assert estimate(plans[True]).peak_bytes <= estimate(plans[False]).peak_bytes
     assert_equivalent(make, shape, mode=mode, rows=8, batchnorm="freeze", tallest=True)
 
-
-@pytest.mark.parametrize(("mode", "batchnorm", "shape"), [("2ps", "exact", (1, 3, 384, 320)),
-                                                          ("overl", "freeze", (1, 3, 256, 224))])
-def test_bands_are_fewer_where_the_peak_holds(mode: str, batchnorm: str, shape: tuple[int, ...],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Segments whose bands do not set the estimated peak get fewer, taller ones
-    (``planner._fewer_bands_where_peak_holds``): fewer bands in all, the estimated peak not higher, and training
-    stays exact (float64, bands asserted)."""
-    from lightning_lrcnn import planner
-
-    def make() -> nn.Module:
-        return torchvision.models.resnet18(weights=None)
-
-    def planned() -> Plan:
-        return plan_for(to_row_centric(make().train(), mode=mode, rows=8, batchnorm=batchnorm), torch.randn(*shape))
-
-    plans = {True: planned()}
-    monkeypatch.setattr(planner, "_fewer_bands_where_peak_holds", lambda plan: None)
-    plans[False] = planned()
-    monkeypatch.undo()
-    bands = {on: sum(len(s.bands) for s in plan.segments if s.recompute) for on, plan in plans.items()}
-    assert bands[True] < bands[False], (describe(plans[False]), describe(plans[True]))
-    assert estimate(plans[True]).peak_bytes <= estimate(plans[False]).peak_bytes
-    assert_equivalent(make, shape, mode=mode, rows=8, train=batchnorm == "exact", batchnorm=batchnorm, tallest=True)
