@@ -46,6 +46,8 @@ MAX_TAIL_WORK = 0.10
 # relieving the segment at the estimated peak (more bands or a cut): at most this many times, each lowering it this much
 _MAX_REFINEMENTS = 16
 _MIN_GAIN = 0.01
+# a segment kept for backward may raise other steps' estimated peaks to at most this far below the plan's
+_KEEP_MARGIN = 0.1
 
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "get_device"}
@@ -544,14 +546,17 @@ def _keep_where_peak_holds(plan: Plan) -> None:
     """Run plainly (kept for backward, no recomputation) each recomputed segment whose activations fit under
     the estimated peak, deepest first: its forward runs once instead of twice and its bands' overhead goes,
     at no cost in peak memory. A segment's activations live from its forward to its backward; where the peak
-    is elsewhere (typically the backward of an early, high-resolution segment), deep segments fit."""
+    is elsewhere (typically the backward of an early, high-resolution segment), deep segments fit. Every step
+    whose estimated peak keeping raises must stay ``_KEEP_MARGIN`` below the plan's peak: the estimate is not
+    exact, and a step it puts just under the peak can measure above it."""
     peak = peak_bytes(plan)
     for s in reversed(plan.segments):
         if not s.recompute:
             continue
-        before = s.bands, s.overlap
+        before, old = (s.bands, s.overlap), {id(t): p for t, p in estimate_segment_peaks(plan)}
         _keep_plain(s)
-        if peak_bytes(plan) > peak:
+        if not all(p <= peak and (p <= old.get(id(t), -1) or p <= (1 - _KEEP_MARGIN) * peak)
+                   for t, p in estimate_segment_peaks(plan)):
             s.bands, s.overlap, s.recompute = before[0], before[1], True
 
 

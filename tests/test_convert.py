@@ -341,26 +341,43 @@ def test_more_2ps_bands_do_not_raise_the_peak() -> None:
     assert_equivalent(lambda: torchvision.models.vgg16().features, (1, 3, 160, 96), mode="2ps", rows=64)
 
 
-@pytest.mark.parametrize(("mode", "shape"), [("2ps", (1, 3, 512, 384)), ("overl", (1, 3, 256, 224))])
-def test_segments_that_fit_under_the_peak_run_once(mode: str, shape: tuple[int, ...],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Deep segments whose activations fit under the estimated peak are kept for backward instead of
-    recomputed (``planner._keep_where_peak_holds``): the estimated peak does not rise, fewer convolutions run
-    in forward, and training stays exact (float64, bands asserted)."""
+def _keep_pass_plans(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[bool, nn.Module], torch.Tensor]:
+    """ResNet-34 (frozen BatchNorm), OverL, 8 bands, 1024x768: converted with and without
+    ``planner._keep_where_peak_holds`` (the smallest of the torchvision ResNets and sizes tried where it keeps one)."""
     from lightning_lrcnn import planner
 
-    def make() -> nn.Module:
-        return torchvision.models.resnet18(weights=None)
-
-    def planned() -> Plan:
-        return plan_for(to_row_centric(make().train(), mode=mode, rows=8, batchnorm="freeze"), torch.randn(*shape))
-
-    plans = {True: planned()}
-    monkeypatch.setattr(planner, "_keep_where_peak_holds", lambda plan: None)
-    plans[False] = planned()
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet34(weights=None).train()
+    x = torch.randn(1, 3, 1024, 768)
+    models = {}
+    for on in (True, False):
+        if not on:
+            monkeypatch.setattr(planner, "_keep_where_peak_holds", lambda plan: None)
+        models[on] = to_row_centric(copy.deepcopy(plain), mode="overl", rows=8, batchnorm="freeze")
+        plan_for(models[on], x)  # planned now, with or without the pass
     monkeypatch.undo()
+    return models, x
+
+
+def test_segments_that_fit_under_the_peak_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep segments whose activations fit under the estimated peak (with ``planner._KEEP_MARGIN`` to spare) are
+    kept for backward instead of recomputed (``planner._keep_where_peak_holds``): fewer segments recomputed, the
+    estimated peak not higher, and the measured one not either (the margin is there because a step the estimate
+    puts just under the peak measured above it: timm cspresnet50 at 1024², 0.161 -> 0.170 of plain)."""
+    from lightning_lrcnn.memory import measure
+
+    models, x = _keep_pass_plans(monkeypatch)
+    plans = {on: plan_for(m, x) for on, m in models.items()}
     recomputed = {on: sum(s.recompute for s in plan.segments) for on, plan in plans.items()}
     assert recomputed[True] < recomputed[False], (describe(plans[False]), describe(plans[True]))
     assert estimate(plans[True]).peak_bytes <= estimate(plans[False]).peak_bytes
-    assert_equivalent(make, shape, mode=mode, rows=8, batchnorm="freeze", tallest=True)
+    peaks = {on: measure(lambda m=m: m(x).square().mean().backward()).peak_bytes for on, m in models.items()}
+    assert peaks[True] <= 1.01 * peaks[False], peaks
+
+
+def test_segments_kept_by_the_peak_pass_train_exactly() -> None:
+    """The same network, size and plan trains as the plain model does (float64, bands asserted)."""
+    torch.manual_seed(0)
+    assert_equivalent(lambda: torchvision.models.resnet34(weights=None), (1, 3, 1024, 768), mode="overl", rows=8,
+                      batchnorm="freeze", tallest=True)
 
