@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_lrcnn import PlanError, TraceError, is_row_centric, restore, row_centric_config, to_row_centric
 from lightning_lrcnn.convert import plan_for
 from lightning_lrcnn.estimate import estimate, estimate_plain
-from lightning_lrcnn.plan import Plan, describe
+from lightning_lrcnn.plan import describe
 
 
 def _net() -> nn.Module:
