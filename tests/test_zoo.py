@@ -13,7 +13,11 @@ TIMM = ["resnet18", "efficientnet_b0", "tf_efficientnet_b0", "mobilenetv3_small_
         "edgenext_xx_small",
         # the backbones of the savings table (scripts/backbones.py), and families that ran no band before
         "resnet50", "efficientnetv2_rw_t", "mobilenetv3_large_100", "regnety_008", "convnext_tiny",
-        "vovnet39a", "mambaout_femto"]
+        "vovnet39a", "mambaout_femto",
+        # found exact in a wider sweep, and banded down to the stem at this size (squeeze-excitation, ECA and
+        # global-context attention, lambda layers, ConvNeXt-V2's GRN)
+        "inception_v3", "xception41", "resnet50d", "seresnext26d_32x4d", "ecaresnet26t", "gcresnet33ts",
+        "lambda_resnet26t", "convnextv2_atto", "hgnet_tiny", "starnet_s1", "ghostnetv2_100", "cs3darknet_s"]
 # real architectures run where the planner bands: even the convolutions reading the most rows run on bands
 SIZE = (1, 3, 224, 192)
 SMP = ["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "Linknet", "PSPNet", "MAnet", "UPerNet", "Segformer"]
