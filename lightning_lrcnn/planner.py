@@ -513,7 +513,7 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     # whether to cut regions down to pieces of one band is decided on the finished plans' estimates
     plans = [_plan_regions(graph, root, regions, rules, static, param_grads, mode, band_bytes, cut_whole)
              for cut_whole in (True, False)]
-    return min(plans, key=lambda plan: peak_bytes(plan))
+    return min(plans, key=peak_bytes)
 
 
 def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]], rules: dict[fx.Node, NodeRule],
@@ -549,14 +549,17 @@ def _keep_where_peak_holds(plan: Plan) -> None:
     is elsewhere (typically the backward of an early, high-resolution segment), deep segments fit. Every step
     whose estimated peak keeping raises must stay ``_KEEP_MARGIN`` below the plan's peak: the estimate is not
     exact, and a step it puts just under the peak can measure above it."""
-    peak = peak_bytes(plan)
+    peaks = estimate_segment_peaks(plan)
+    peak = max((p for _, p in peaks), default=0)
     for s in reversed(plan.segments):
         if not s.recompute:
             continue
-        before, old = (s.bands, s.overlap), {id(t): p for t, p in estimate_segment_peaks(plan)}
+        before, old = (s.bands, s.overlap), {id(t): p for t, p in peaks}
         _keep_plain(s)
-        if not all(p <= peak and (p <= old.get(id(t), -1) or p <= (1 - _KEEP_MARGIN) * peak)
-                   for t, p in estimate_segment_peaks(plan)):
+        trial = estimate_segment_peaks(plan)
+        if all(p <= peak and (p <= old.get(id(t), -1) or p <= (1 - _KEEP_MARGIN) * peak) for t, p in trial):
+            peaks = trial
+        else:
             s.bands, s.overlap, s.recompute = before[0], before[1], True
 
 

@@ -118,13 +118,10 @@ def _float64_grads(plain: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
     and stochastic depth draw the same masks in either dtype on CPU): the reference that shows how much of
     ``grad_error`` is fp32's own rounding."""
     model = copy.deepcopy(plain).double()
-    x64 = x.double()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    _loss(model(x64)).backward()
-    grads = {n: g.float() for n, g in _grads(model).items()}
-    del model
-    return grads
+    _loss(model(x.double())).backward()
+    return {n: g.float() for n, g in _grads(model).items()}
 
 
 def measure_network(key: str, size: int, methods: list[str], repeats: int) -> list[dict[str, Any]]:
@@ -186,9 +183,10 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
     for method, model in models.items():
         rec = records[method]
         rec["seconds"] = statistics.median(times[method])
-        rec["grad_error"] = _grad_error(reference, _grads(model))
+        grads = _grads(model)
+        rec["grad_error"] = _grad_error(reference, grads)
         if exact:  # fp32's own error: what the plain model's fp32 gradients miss of its float64 ones
-            rec["grad_error_fp64"] = _grad_error(exact, _grads(model))
+            rec["grad_error_fp64"] = _grad_error(exact, grads)
         if "plain" in models:
             rec["peak_ratio"] = rec["peak_bytes"] / records["plain"]["peak_bytes"]
             rec["time_ratio"] = statistics.median(t / p for t, p in zip(times[method], times["plain"]))
