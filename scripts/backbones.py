@@ -2,7 +2,8 @@
 
 For each network (torchvision and timm classifiers, frozen or train-mode BatchNorm, ConvNeXt, U-Nets) it
 measures one training step (``y.pow(2).mean()`` loss, batch 1) of the plain model and of row-centric plans
-(2PS and OverL, 16 bands by default), each network in a fresh process, and records the peak memory and step
+(2PS and OverL, 16 bands by default, and the plan the callback's ``mode="auto"`` picks under a memory budget
+of 0.25 of the plain model's measured peak: the fastest candidate that fits), each network in a fresh process, and records the peak memory and step
 time as ratios to the plain model measured in the same process, the planner's estimate, the largest gradient
 difference, and whether the plan ran plain (and why). Records are appended to ``docs/backbones.jsonl``;
 ``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the latest run of each network.
@@ -131,7 +132,7 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
     all of them alike; a method's time ratio is the median over rounds of its step time over the plain step's
     in the same round; ``time_ratio_best`` is the fastest step over the plain model's fastest (slowdowns from other
     work on the machine only add time, so the fastest steps are the least disturbed)."""
-    from lightning_lrcnn import to_row_centric
+    from lightning_lrcnn import choose_plan, is_row_centric, to_row_centric
     from lightning_lrcnn.convert import plan_for
     from lightning_lrcnn.estimate import estimate, estimate_plain
     from lightning_lrcnn.memory import measure
@@ -160,9 +161,16 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
         rec = records[method] = {**base, "method": method}
         try:
             model = plain if method == "plain" else copy.deepcopy(plain)
-            if method != "plain":
+            batchnorm = "freeze" if bn == "frozen" else "exact"
+            if method.startswith("auto:"):  # what the callback picks with this budget: the fastest that fits
+                budget = int(float(method.split(":")[1]) * records["plain"]["peak_bytes"])
+                choice = choose_plan([model], lambda m=model: _loss(m(x)).backward(), memory_budget=budget,
+                                     batchnorm=batchnorm)
+                rec["chosen"], rec["budget_bytes"] = str(choice.best), budget
+            elif method != "plain":
                 mode, rows = method.split(":")
-                to_row_centric(model, mode=mode, rows=int(rows), batchnorm="freeze" if bn == "frozen" else "exact")
+                to_row_centric(model, mode=mode, rows=int(rows), batchnorm=batchnorm)
+            if method != "plain" and is_row_centric(model):
                 plan = plan_for(model, x)
                 rec["estimate_bytes"] = estimate(plan).peak_bytes
                 rec["estimate_plain_bytes"] = estimate_plain(plan)
@@ -212,7 +220,7 @@ def render(records: list[dict[str, Any]]) -> None:
     rows = _latest(records)
     if not rows:
         return
-    methods = sorted({r["method"] for r in rows if r["method"] != "plain"})
+    methods = sorted({r["method"] for r in rows if r["method"] != "plain"}, key=lambda m: (m.startswith("auto"), m))
     order = [k for k in NETWORKS if any(r["key"] == k for r in rows)]
     first = rows[0]
     lines = ["# Savings on common backbones", "",
@@ -229,7 +237,8 @@ def render(records: list[dict[str, Any]]) -> None:
              "(`batchnorm=\"exact\"`, the default). `grad err`: the largest parameter-gradient difference to the plain "
              "model over its largest gradient (fp32; the tests prove exactness in float64); `fp32 err`: the same "
              "difference between the plain model in fp32 and in float64, i.e. fp32's own rounding, for scale.", "",
-             "| network | BN | size | plain peak | plain step | " + " | ".join(methods) + " | grad err | fp32 err |",
+             "| network | BN | size | plain peak | plain step | " + " | ".join(_header(m) for m in methods)
+             + " | grad err | fp32 err |",
              "|---|---|---:|---:|---:|" + "---:|" * len(methods) + "---:|---:|"]
     for key in order:
         recs = {r["method"]: r for r in rows if r["key"] == key}
@@ -246,7 +255,9 @@ def render(records: list[dict[str, Any]]) -> None:
                 continue
             err = max(err, r.get("grad_error", 0.0))
             best = f" ({r['time_ratio_best']:.2f}×)" if "time_ratio_best" in r else ""
-            cells.append(f"{r['peak_ratio']:.3f} @ {r['time_ratio']:.2f}×{best}" + (" (plain)" if r.get("ran_plain") else ""))
+            chosen = f" {r['chosen']}" if "chosen" in r else ""
+            cells.append(f"{r['peak_ratio']:.3f} @ {r['time_ratio']:.2f}×{best}{chosen}"
+                         + (" (plain)" if r.get("ran_plain") else ""))
         lines.append(f"| {p['network']} | {p['batchnorm']} | {p['size']}² | {p['peak_bytes'] / 2**20:.0f} MiB | "
                      f"{p['seconds']:.1f} s | " + " | ".join(cells) + f" | {err:.1e} | "
                      + (f"{p['grad_error_fp64']:.1e} |" if "grad_error_fp64" in p else "— |"))
@@ -255,6 +266,10 @@ def render(records: list[dict[str, Any]]) -> None:
     DOCS.mkdir(exist_ok=True)
     (DOCS / "backbones.md").write_text("\n".join(lines))
     _plot(rows, order, methods)
+
+
+def _header(method: str) -> str:
+    return f"auto, budget {method.split(':')[1]} of plain" if method.startswith("auto:") else method
 
 
 def _plot(rows: list[dict[str, Any]], order: list[str], methods: list[str]) -> None:
@@ -298,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help=f"comma-separated keys (default all: {', '.join(NETWORKS)})")
     parser.add_argument("--size", type=int, default=1024, help="image side (default 1024)")
-    parser.add_argument("--methods", default="2ps:16,overl:16", help="comma-separated mode:rows")
+    parser.add_argument("--methods", default="2ps:16,overl:16,auto:0.25",
+                        help="comma-separated mode:rows, or auto:F (the callback's choice with a budget of F times the "
+                             "plain model's measured peak)")
     parser.add_argument("--repeats", type=int, default=7, help="rounds of timed steps, every method once per round")
     parser.add_argument("--render", action="store_true", help="only rebuild docs from docs/backbones.jsonl")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)

@@ -81,7 +81,7 @@ def test_to_row_centric_auto() -> None:
         to_row_centric(_net(), mode="auto", rows="auto")
     with pytest.raises(ValueError, match="rows must be 'auto' or an integer"):
         to_row_centric(_net(), mode="auto", rows=-2, example_input=x)
-    assert [c.mode for c in candidates_for("2ps", "auto")] == ["2ps"] * 3
+    assert [c.mode for c in candidates_for("2ps", "auto")] == ["2ps"] * 4
     assert candidates_for("auto", 5) == (Candidate("column"), Candidate("2ps", 5), Candidate("overl", 5))
 
 
