@@ -6,7 +6,8 @@ measures one training step (``y.pow(2).mean()`` loss, batch 1) of the plain mode
 of 0.25 of the plain model's measured peak: the fastest candidate that fits), each network in a fresh process, and records the peak memory and step
 time as ratios to the plain model measured in the same process, the planner's estimate, the largest gradient
 difference, and whether the plan ran plain (and why). Records are appended to ``docs/backbones.jsonl``;
-``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the latest run of each network.
+``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the latest record of each network and
+method.
 
     python scripts/backbones.py                       # every network, 1024x1024 (about 25 min on 2 CPU cores)
     python scripts/backbones.py --only tv_resnet50_train --size 512
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -208,15 +210,18 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
 
 
 def _latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records of the latest run of each network (a run: one date stamp)."""
-    last: dict[str, str] = {}
-    for r in records:
-        last[r["key"]] = max(last.get(r["key"], ""), r["date"])
-    return [r for r in records if r["date"] == last[r["key"]]]
+    """The latest record of each network and method, at the image size of the network's latest run (each record's
+    ratios are against the plain model of its own run, so methods measured in different runs can share a row)."""
+    size = {r["key"]: r["size"] for r in sorted(records, key=lambda r: r["date"])}
+    last: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r["date"]):
+        if r["size"] == size[r["key"]]:
+            last[r["key"], r["method"]] = r
+    return list(last.values())
 
 
 def render(records: list[dict[str, Any]]) -> None:
-    """Rebuild docs/backbones.md and docs/img/backbones.png from the latest run of each network."""
+    """Rebuild docs/backbones.md and docs/img/backbones.png from the latest record of each network and method."""
     rows = _latest(records)
     if not rows:
         return
@@ -229,7 +234,8 @@ def render(records: list[dict[str, Any]]) -> None:
              f"{first['device_name']} (torch {first['torch']}"
              + (f"; allocator: {first['allocator']}, see `RETAINED_HEAP` in the script" if first.get("allocator") else "")
              + "). Peak: live tensor bytes of the step; each cell is "
-             "`peak / plain @ time / plain` against the plain model measured in the same process (steps timed in rounds, "
+             "`peak / plain @ time / plain` against the plain model measured in the same process (each cell: the latest "
+             "run of that method; steps timed in rounds, "
              "every method once per round; the time ratio is the median over rounds of the step time over the plain "
              "step of the same round; in brackets, the fastest step over the plain model's fastest). `plain` means the "
              "plan was not estimated below the plain model, so the network ran as usual. BatchNorm: `frozen` = "
@@ -251,11 +257,11 @@ def render(records: list[dict[str, Any]]) -> None:
         for m in methods:
             r = recs.get(m, {})
             if "peak_ratio" not in r:
-                cells.append(r.get("error", "—")[:40])
+                cells.append(_error_cell(r.get("error", "—"), p["peak_bytes"]))
                 continue
             err = max(err, r.get("grad_error", 0.0))
             best = f" ({r['time_ratio_best']:.2f}×)" if "time_ratio_best" in r else ""
-            chosen = f" {r['chosen']}" if "chosen" in r else ""
+            chosen = f", {r['chosen']}" if "chosen" in r else ""
             cells.append(f"{r['peak_ratio']:.3f} @ {r['time_ratio']:.2f}×{best}{chosen}"
                          + (" (plain)" if r.get("ran_plain") else ""))
         lines.append(f"| {p['network']} | {p['batchnorm']} | {p['size']}² | {p['peak_bytes'] / 2**20:.0f} MiB | "
@@ -266,6 +272,14 @@ def render(records: list[dict[str, Any]]) -> None:
     DOCS.mkdir(exist_ok=True)
     (DOCS / "backbones.md").write_text("\n".join(lines))
     _plot(rows, order, methods)
+
+
+def _error_cell(error: str, plain_peak: int) -> str:
+    """A short cell for a method that did not run: for the auto choice, the smallest peak it measured."""
+    found = re.search(r"smallest peak was ([0-9.]+) MiB \((\S+)\)", error)
+    if error.startswith("NoPlanFitsError") and found:
+        return f"none fits (smallest {float(found[1]) * 2**20 / plain_peak:.3f}, {found[2]})"
+    return error[:40]
 
 
 def _header(method: str) -> str:
@@ -302,7 +316,8 @@ def _plot(rows: list[dict[str, Any]], order: list[str], methods: list[str]) -> N
         ax.grid(axis="x", alpha=0.3)
     left.legend(loc="lower right", fontsize=8)
     first = rows[0]
-    fig.suptitle(f"One training step at {first['size']}², batch 1 ({first['device_name']}, {first['date'][:10]})")
+    fig.suptitle(f"One training step at {first['size']}², batch 1 ({first['device_name']}, "
+                 f"{max(r['date'] for r in rows)[:10]})")
     fig.tight_layout()
     (DOCS / "img").mkdir(parents=True, exist_ok=True)
     fig.savefig(DOCS / "img" / "backbones.png", dpi=100)
