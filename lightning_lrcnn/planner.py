@@ -41,8 +41,9 @@ __all__ = ["MODES", "band_count", "build_plan", "plain_plan"]
 MODES = ("2ps", "overl")
 # OverL: split a segment while its halos recompute more than this fraction of its activations.
 MAX_OVERLAP = 0.35
-# recomputed tails (see _recompute_tails) may add at most this fraction to a training step's work
-MAX_TAIL_WORK = 0.10
+# recomputed tails (see _recompute_tails) may add at most this fraction to a training step's work (train-mode
+# ResNet-50, 1024², OverL 16: 0.10 measured 0.260 of the plain peak at 1.98x its step, 0.15 0.240 at 2.21x)
+MAX_TAIL_WORK = 0.15
 # relieving the segment at the estimated peak (more bands or a cut): at most this many times, each lowering it this much
 _MAX_REFINEMENTS = 16
 _MIN_GAIN = 0.01
