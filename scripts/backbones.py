@@ -3,13 +3,14 @@
 For each network (torchvision and timm classifiers, frozen or train-mode BatchNorm, ConvNeXt, U-Nets) it
 measures one training step (``y.pow(2).mean()`` loss, batch 1) of the plain model and of row-centric plans
 (2PS and OverL, 16 bands by default, and the plan the callback's ``mode="auto"`` picks under a memory budget
-of 0.25 of the plain model's measured peak: the fastest candidate that fits), each network in a fresh process, and records the peak memory and step
-time as ratios to the plain model measured in the same process, the planner's estimate, the largest gradient
-difference, and whether the plan ran plain (and why). Records are appended to ``docs/backbones.jsonl``;
+of 0.25 of the plain model's measured peak: the fastest candidate that fits), each network in a fresh process,
+and records the peak memory and step time as ratios to the plain model measured in the same process, the
+planner's estimate, the largest gradient difference, and whether the plan ran plain (and why). Records are
+appended to ``docs/backbones.jsonl``;
 ``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the latest record of each network and
 method.
 
-    python scripts/backbones.py                       # every network, 1024x1024 (about 25 min on 2 CPU cores)
+    python scripts/backbones.py                       # every network, 1024x1024 (about 70 min on 2 CPU cores)
     python scripts/backbones.py --only tv_resnet50_train --size 512
     python scripts/backbones.py --render              # only rebuild the table and plot
 """
