@@ -6,9 +6,8 @@ measures one training step (``y.pow(2).mean()`` loss, batch 1) of the plain mode
 of 0.25 of the plain model's measured peak: the fastest candidate that fits), each network in a fresh process,
 and records the peak memory and step time as ratios to the plain model measured in the same process, the
 planner's estimate, the largest gradient difference, and whether the plan ran plain (and why). Records are
-appended to ``docs/backbones.jsonl``;
-``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the latest record of each network and
-method.
+appended to ``docs/backbones.jsonl``; ``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the
+latest record of each network and method.
 
     python scripts/backbones.py                       # every network, 1024x1024 (about 70 min on 2 CPU cores)
     python scripts/backbones.py --only tv_resnet50_train --size 512
@@ -213,9 +212,10 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
 def _latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The latest record of each network and method, at the image size of the network's latest run (each record's
     ratios are against the plain model of its own run, so methods measured in different runs can share a row)."""
-    size = {r["key"]: r["size"] for r in sorted(records, key=lambda r: r["date"])}
+    ordered = sorted(records, key=lambda r: r["date"])
+    size = {r["key"]: r["size"] for r in ordered}
     last: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in sorted(records, key=lambda r: r["date"]):
+    for r in ordered:
         if r["size"] == size[r["key"]]:
             last[r["key"], r["method"]] = r
     return list(last.values())
