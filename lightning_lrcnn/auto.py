@@ -2,8 +2,11 @@
 
 Candidates (the plain "column" model, 2PS and OverL at several band counts) are pruned with the analytic
 estimate (``lightning_lrcnn.estimate``: a candidate whose targets alone are estimated above the budget, by more
-than the estimate's error, is not run), then measured on a real step; the fastest whose measured peak fits
-the budget wins.
+than the estimate's error, is not run), then measured on a real step (peak, and the median time of a few steps);
+the fastest whose measured peak fits the budget wins. On a GPU each mode stops at the fewest bands that fit: a
+banded step there is bound by kernel launches, so more bands only cost time (README, "On a GPU"). On a CPU
+every candidate is measured: smaller bands can run faster where the network is memory-bound (timm
+MobileNetV3 at 1024², OverL 8 1.31x the plain step against OverL 2 1.51x and OverL 4 1.72x, same process).
 Every piece of state a probe step touches (gradients, buffers such as BN statistics, RNG) is restored, so
 choosing leaves the module exactly as it was.
 """
@@ -25,7 +28,7 @@ from .estimate import estimate, estimate_plain
 from .memory import MIB, measure, time_call
 
 __all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_plan", "resolve_budget",
-           "candidates_for", "sum_outputs", "DEFAULT_CANDIDATES", "DEFAULT_BUDGET_FRACTION"]
+           "candidates_for", "sum_outputs", "DEFAULT_CANDIDATES", "DEFAULT_BUDGET_FRACTION", "TIMED_STEPS"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,13 @@ class Candidate:
         return "column" if self.mode == "column" else f"{self.mode}:{self.rows}"
 
 
-# few bands are the fast end, many the small end (1024², frozen ResNet-50, docs/backbones.md: 2PS 4 at 1.29x the plain
-# step and 0.242 of its peak, OverL 16 at 1.63x and 0.127)
-DEFAULT_CANDIDATES = (Candidate("column"), Candidate("2ps", 4), Candidate("2ps", 8), Candidate("2ps", 16),
-                      Candidate("2ps", 32), Candidate("overl", 4), Candidate("overl", 8), Candidate("overl", 16),
-                      Candidate("overl", 32), Candidate("overl", 48))
+# few bands are usually the fast end, many the small end (1024², frozen ResNet-50, docs/backbones.md: 2PS 4 at 1.29x
+# the plain step and 0.242 of its peak, OverL 16 at 1.63x and 0.127)
+DEFAULT_CANDIDATES = (Candidate("column"), Candidate("2ps", 2), Candidate("2ps", 4), Candidate("2ps", 8),
+                      Candidate("2ps", 16), Candidate("2ps", 32), Candidate("overl", 2), Candidate("overl", 4),
+                      Candidate("overl", 8), Candidate("overl", 16), Candidate("overl", 32), Candidate("overl", 48))
+# timed steps per measured candidate (the median is compared): one step's time varies by 10-20% on a busy machine
+TIMED_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,32 @@ def _apply(targets: Sequence[nn.Module], candidate: Candidate, batchnorm: str, c
             to_row_centric(t, mode=candidate.mode, rows=candidate.rows, batchnorm=batchnorm, **convert_kwargs)
 
 
+def _measure(candidate: Candidate, targets: Sequence[nn.Module], step: Callable[[], Any],
+             inputs: list[tuple[tuple, dict]] | None, budget: int, memory: int, device: torch.device,
+             snapshot: _StateSnapshot, batchnorm: str, convert_kwargs: dict[str, Any]) -> CandidateResult:
+    """One candidate: skipped when estimated far over the budget (or the device's memory), else its measured peak
+    and the median time of ``TIMED_STEPS`` steps (the state restored after each measurement)."""
+    est = None if inputs is None else _estimate(targets, inputs, candidate, batchnorm, convert_kwargs)
+    if est is not None and est > min(ESTIMATE_MARGIN * budget, memory):
+        why = "estimate over budget" if est > ESTIMATE_MARGIN * budget else "estimate above the device's memory"
+        return CandidateResult(candidate, None, None, False, f"skipped: {why}", est)
+    _apply(targets, candidate, batchnorm, convert_kwargs)
+    try:
+        step()  # plan (cached per shape) and warm up, outside the measurement
+        snapshot.restore()
+        measured = measure(step, device)
+        snapshot.restore()
+        seconds = time_call(step, device, repeats=TIMED_STEPS)
+        snapshot.restore()
+    except torch.cuda.OutOfMemoryError:
+        snapshot.restore()
+        return CandidateResult(candidate, None, None, False, "out of memory", est)
+    reasons = _plain_reasons(targets) if candidate.mode != "column" else []
+    note = f"runs as usual: {'; '.join(sorted(set(reasons)))}" if reasons else ""
+    return CandidateResult(candidate, measured.peak_bytes, seconds, measured.peak_bytes <= budget, note, est,
+                           ran_plain=len(reasons) == len(targets))
+
+
 def choose_plan(
     targets: Sequence[nn.Module],
     step: Callable[[], Any],
@@ -251,8 +282,10 @@ def choose_plan(
     convert_kwargs: dict[str, Any] | None = None,
 ) -> Choice:
     """Measure ``candidates`` on ``step`` (one forward + backward through ``targets``) and pick the fastest
-    whose peak fits ``memory_budget``. ``targets`` are left converted to the choice (or plain for "column");
-    gradients, buffers and RNG of ``targets`` and ``state_modules`` are as before the call.
+    whose peak fits ``memory_budget``. On CUDA each mode is measured from its fewest bands up and stops at the
+    first that fits (its candidates with more bands are reported as skipped). ``targets`` are left converted to
+    the choice (or plain for "column"); gradients, buffers and RNG of ``targets`` and ``state_modules`` are as
+    before the call.
 
     Raises:
         ValueError: bad ``memory_budget``.
@@ -264,36 +297,24 @@ def choose_plan(
     convert_kwargs = dict(convert_kwargs or {})
     before = [row_centric_config(t) for t in targets]
     snapshot = _StateSnapshot([*targets, *state_modules])
-    results: list[CandidateResult] = []
+    by_candidate: dict[Candidate, CandidateResult] = {}
+    fewest: dict[str, Candidate] = {}  # on CUDA, per banded mode, the fewest bands measured to fit
     try:
         inputs = _capture_inputs(targets, step)
         snapshot.restore()
-        for candidate in candidates:
-            est = None if inputs is None else _estimate(targets, inputs, candidate, batchnorm, convert_kwargs)
-            if est is not None and est > min(ESTIMATE_MARGIN * budget, memory):
-                why = "estimate over budget" if est > ESTIMATE_MARGIN * budget else "estimate above the device's memory"
-                results.append(CandidateResult(candidate, None, None, False, f"skipped: {why}", est))
-                log.info("lrcnn probe %s", results[-1].row())
+        for candidate in sorted(dict.fromkeys(candidates), key=lambda c: (c.mode, c.rows)):
+            if candidate.mode in fewest:
+                by_candidate[candidate] = CandidateResult(candidate, None, None, False,
+                                                          f"skipped: {fewest[candidate.mode]} fits with fewer bands")
                 continue
-            _apply(targets, candidate, batchnorm, convert_kwargs)
-            try:
-                step()  # plan (cached per shape) and warm up, outside the measurement
-                snapshot.restore()
-                measured = measure(step, device)
-                snapshot.restore()
-                seconds = measured.seconds if device.type == "cuda" else time_call(step, device)
-                snapshot.restore()
-            except torch.cuda.OutOfMemoryError:
-                snapshot.restore()
-                results.append(CandidateResult(candidate, None, None, False, "out of memory", est))
-                continue
-            reasons = _plain_reasons(targets) if candidate.mode != "column" else []
-            note = f"runs as usual: {'; '.join(sorted(set(reasons)))}" if reasons else ""
-            results.append(CandidateResult(candidate, measured.peak_bytes, seconds, measured.peak_bytes <= budget,
-                                           note, est, ran_plain=len(reasons) == len(targets)))
-            log.info("lrcnn probe %s", results[-1].row())
+            by_candidate[candidate] = result = _measure(candidate, targets, step, inputs, budget, memory, device,
+                                                        snapshot, batchnorm, convert_kwargs)
+            log.info("lrcnn probe %s", result.row())
+            if result.fits and candidate.mode != "column" and device.type == "cuda":
+                fewest[candidate.mode] = candidate
     finally:
         snapshot.restore()
+    results = [by_candidate[c] for c in dict.fromkeys(candidates)]
     fitting = [r for r in results if r.fits]
     if not fitting:
         for t, cfg in zip(targets, before):  # leave the targets as they came

@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from lightning_lrcnn import Candidate, NoPlanFitsError, choose_plan, is_row_centric, row_centric_config, to_row_centric
-from lightning_lrcnn.auto import DEFAULT_BUDGET_FRACTION, candidates_for, resolve_budget
+from lightning_lrcnn.auto import DEFAULT_BUDGET_FRACTION, TIMED_STEPS, CandidateResult, candidates_for, resolve_budget
 from lightning_lrcnn.memory import measure
 
 
@@ -81,7 +80,7 @@ def test_to_row_centric_auto() -> None:
         to_row_centric(_net(), mode="auto", rows="auto")
     with pytest.raises(ValueError, match="rows must be 'auto' or an integer"):
         to_row_centric(_net(), mode="auto", rows=-2, example_input=x)
-    assert [c.mode for c in candidates_for("2ps", "auto")] == ["2ps"] * 4
+    assert [c.rows for c in candidates_for("2ps", "auto")] == [2, 4, 8, 16, 32]
     assert candidates_for("auto", 5) == (Candidate("column"), Candidate("2ps", 5), Candidate("overl", 5))
 
 
@@ -95,3 +94,41 @@ def test_estimate_prunes_candidates_far_over_budget() -> None:
     assert column.note.startswith("skipped") and column.peak_bytes is None and column.estimate_bytes > plain_peak * 0.8
     assert banded.peak_bytes is not None and banded.estimate_bytes is not None and choice.best == Candidate("overl", 8)
     assert "estimate" in choice.report()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_a_gpu_each_mode_stops_at_the_fewest_bands_that_fit(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """On a GPU more bands only add launches: a mode's candidates beyond its first fitting one are not run. On
+    a CPU all are. The fastest fitting one wins (measurements faked: peaks fall, times rise with the bands)."""
+    run: list[Candidate] = []
+
+    def fake(candidate: Candidate, *args: object) -> CandidateResult:
+        run.append(candidate)
+        peak = 1000 if candidate.mode == "column" else 1000 // candidate.rows
+        seconds = 1.0 + candidate.rows / (10 if candidate.mode == "overl" else 5)
+        return CandidateResult(candidate, peak, seconds, peak <= 150)
+
+    monkeypatch.setattr("lightning_lrcnn.auto._measure", fake)
+    monkeypatch.setattr("lightning_lrcnn.auto._device_memory", lambda device: 2**40)
+    model = _net()
+    cands = candidates_for("auto", "auto")
+    choice = choose_plan([model], _step(model, torch.randn(1, 3, 32, 32)), memory_budget=150, candidates=cands,
+                         device=device)
+    assert [r.candidate for r in choice.results] == list(cands)  # every candidate reported, in the given order
+    if device == "cpu":
+        assert sorted(run, key=str) == sorted(cands, key=str)
+    else:
+        assert run == [Candidate("2ps", 2), Candidate("2ps", 4), Candidate("2ps", 8), Candidate("column"),
+                       Candidate("overl", 2), Candidate("overl", 4), Candidate("overl", 8)]
+        skipped = choice.result(Candidate("overl", 16))
+        assert skipped is not None and skipped.peak_bytes is None and "overl:8 fits with fewer bands" in skipped.note
+    assert choice.best == Candidate("overl", 8)  # 1.8 s against 2PS 8's 2.6 s
+    assert row_centric_config(model).mode == "overl" and row_centric_config(model).rows == 8
+
+
+def test_candidates_are_timed_over_several_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr("lightning_lrcnn.auto.time_call", lambda fn, device, repeats=1: calls.append(repeats) or 1.0)
+    model, x = _net().eval(), torch.randn(1, 3, 64, 64)
+    choose_plan([model], _step(model, x), memory_budget=2**40, candidates=(Candidate("column"), Candidate("overl", 2)))
+    assert calls == [TIMED_STEPS, TIMED_STEPS] and TIMED_STEPS >= 3
