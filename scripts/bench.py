@@ -33,10 +33,10 @@ import torchvision
 from torch import nn
 
 from lightning_lrcnn import to_row_centric
-from lightning_lrcnn.auto import Candidate, choose_plan
+from lightning_lrcnn.auto import choose_plan
 from lightning_lrcnn.convert import plan_for
-from lightning_lrcnn.memory import MIB, measure, time_call
 from lightning_lrcnn.estimate import estimate
+from lightning_lrcnn.memory import MIB, measure, time_call
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -169,9 +169,7 @@ def _prepare(method: str, plain: nn.Module, x: torch.Tensor, model_name: str, ba
         if not base:
             raise RuntimeError("auto needs the plain model measured first")
         budget = int(auto_budget * base["peak_bytes"])
-        cands = [Candidate("2ps", r) for r in (16, 32)] + [Candidate("overl", r) for r in (16, 32, 48)]
-        choice = choose_plan([model], _step(model, x), memory_budget=budget, candidates=cands, batchnorm=batchnorm,
-                             device=x.device)
+        choice = choose_plan([model], _step(model, x), memory_budget=budget, batchnorm=batchnorm, device=x.device)
         rec["method"] = f"auto ({choice.best}, budget {auto_budget:.0%} of plain)"
     else:
         mode, rows = method.split(":")
