@@ -558,10 +558,16 @@ def _keep_where_peak_holds(plan: Plan) -> None:
         before, old = (s.bands, s.overlap), {id(t): p for t, p in peaks}
         _keep_plain(s)
         trial = estimate_segment_peaks(plan)
-        if all(p <= peak and (p <= old.get(id(t), -1) or p <= (1 - _KEEP_MARGIN) * peak) for t, p in trial):
+        if all(_keeps_under(p, old.get(id(t), -1), peak) for t, p in trial):
             peaks = trial
         else:
             s.bands, s.overlap, s.recompute = before[0], before[1], True
+
+
+def _keeps_under(new: int, old: int, peak: int) -> bool:
+    """Whether a step whose estimated peak goes from ``old`` to ``new`` leaves the plan's ``peak`` safe: never
+    above it, and where it rose, at least ``_KEEP_MARGIN`` below it."""
+    return new <= peak and (new <= old or new <= (1 - _KEEP_MARGIN) * peak)
 
 
 def _cut_gradients(plan: Plan) -> None:
