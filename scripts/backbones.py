@@ -9,7 +9,7 @@ planner's estimate, the largest gradient difference, and whether the plan ran pl
 appended to ``docs/backbones.jsonl``; ``docs/backbones.md`` and ``docs/img/backbones.png`` are rebuilt from the
 latest record of each network and method.
 
-    python scripts/backbones.py                       # every network, 1024x1024 (about 70 min on 2 CPU cores)
+    python scripts/backbones.py                       # every network, 1024x1024 (over 80 min on 2 CPU cores)
     python scripts/backbones.py --only tv_resnet50_train --size 512
     python scripts/backbones.py --render              # only rebuild the table and plot
 """
