@@ -302,7 +302,7 @@ def choose_plan(
     try:
         inputs = _capture_inputs(targets, step)
         snapshot.restore()
-        for candidate in sorted(dict.fromkeys(candidates), key=lambda c: (c.mode, c.rows)):
+        for candidate in sorted(dict.fromkeys(candidates), key=lambda c: (c.mode != "column", c.mode, c.rows)):
             if candidate.mode in fewest:
                 by_candidate[candidate] = CandidateResult(candidate, None, None, False,
                                                           f"skipped: {fewest[candidate.mode]} fits with fewer bands")

@@ -218,8 +218,12 @@ class RowCentricTraining(Callback):
         self._log_choice(trainer, pl_module)
 
     def _estimate_baseline(self, choice: Choice) -> float:
-        """Plain-model peak when it could not be measured: the chosen peak scaled by the planner's estimates."""
-        chosen = choice.result(choice.best)
+        """Plain-model peak when it could not be measured: the chosen peak scaled by the planner's estimates (the
+        probe's, else those of the targets' cached plans)."""
+        chosen, column = choice.result(choice.best), choice.baseline
+        if chosen is not None and chosen.peak_bytes is not None and chosen.estimate_bytes and column is not None \
+                and column.estimate_bytes is not None:
+            return float(chosen.peak_bytes) * column.estimate_bytes / chosen.estimate_bytes
         plans = [p for m in self._modules for p in cached_plans(m)[-1:]]
         if chosen is None or chosen.peak_bytes is None or not plans:
             return float("nan")

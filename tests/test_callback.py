@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lrcnn import RowCentricTraining, is_row_centric
+from lightning_lrcnn import Candidate, RowCentricTraining, is_row_centric, row_centric_config
 
 KEYS = {"lrcnn/peak_memory_mib", "lrcnn/baseline_peak_memory_mib", "lrcnn/baseline_estimated",
         "lrcnn/memory_saved_pct", "lrcnn/step_time_ratio", "lrcnn/rows"}
@@ -307,3 +307,30 @@ def test_a_plan_that_cannot_save_runs_plain_and_logs_rows_zero(tmp_path, caplog)
     assert cb.metrics()["lrcnn/rows"] == 0
     assert "runs as usual" in cb.choice.report()
     assert sum("runs as usual" in r.message for r in caplog.records) == 1
+
+
+def test_baseline_estimated_when_the_choice_was_not_measured_last(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The plain model runs out of memory and the fastest candidate is not the last one measured (its plans were
+    dropped when the others were converted): the baseline still comes from the probe's estimates."""
+    import lightning_lrcnn.auto as auto
+
+    model = Classifier()
+    real = auto.measure
+
+    def out_of_memory_when_plain(fn, device):  # type: ignore[no-untyped-def]
+        if not is_row_centric(model.backbone):
+            raise torch.cuda.OutOfMemoryError("simulated: the plain model does not fit")
+        return real(fn, device)
+
+    def two_ps_2_fastest(fn, device, repeats=1):  # type: ignore[no-untyped-def]
+        cfg = row_centric_config(model.backbone)
+        return 1.0 if cfg is not None and (cfg.mode, cfg.rows) == ("2ps", 2) else 2.0
+
+    monkeypatch.setattr(auto, "measure", out_of_memory_when_plain)
+    monkeypatch.setattr(auto, "time_call", two_ps_2_fastest)
+    cb = RowCentricTraining(mode="auto", rows="auto", memory_budget=2**40)
+    _fit(tmp_path, model, [cb], max_steps=1)
+    assert cb.chosen == Candidate("2ps", 2)
+    m = cb.metrics()
+    assert m["lrcnn/baseline_estimated"] == 1.0
+    assert m["lrcnn/baseline_peak_memory_mib"] > m["lrcnn/peak_memory_mib"] > 0
