@@ -228,10 +228,10 @@ def test_off_converts_nothing_and_says_so(tmp_path) -> None:
     assert "lrcnn/epoch_peak_memory_mib" in header and "lrcnn/peak_memory_mib" not in header
 
 
-def test_baseline_estimated_when_plain_runs_out_of_memory(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def _plain_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch, model: Classifier) -> None:
+    """The probe's measurement of ``model`` with its backbone plain raises CUDA's out-of-memory error."""
     import lightning_lrcnn.auto as auto
 
-    model = Classifier()
     real = auto.measure
 
     def out_of_memory_when_plain(fn, device):  # type: ignore[no-untyped-def]
@@ -240,6 +240,11 @@ def test_baseline_estimated_when_plain_runs_out_of_memory(tmp_path, monkeypatch)
         return real(fn, device)
 
     monkeypatch.setattr(auto, "measure", out_of_memory_when_plain)
+
+
+def test_baseline_estimated_when_plain_runs_out_of_memory(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    model = Classifier()
+    _plain_runs_out_of_memory(monkeypatch, model)
     cb = RowCentricTraining(mode="2ps", rows=4)
     _fit(tmp_path, model, [cb], max_steps=1)
     m = cb.metrics()
@@ -315,18 +320,12 @@ def test_baseline_estimated_when_the_choice_was_not_measured_last(tmp_path, monk
     import lightning_lrcnn.auto as auto
 
     model = Classifier()
-    real = auto.measure
-
-    def out_of_memory_when_plain(fn, device):  # type: ignore[no-untyped-def]
-        if not is_row_centric(model.backbone):
-            raise torch.cuda.OutOfMemoryError("simulated: the plain model does not fit")
-        return real(fn, device)
+    _plain_runs_out_of_memory(monkeypatch, model)
 
     def two_ps_2_fastest(fn, device, repeats=1):  # type: ignore[no-untyped-def]
         cfg = row_centric_config(model.backbone)
         return 1.0 if cfg is not None and (cfg.mode, cfg.rows) == ("2ps", 2) else 2.0
 
-    monkeypatch.setattr(auto, "measure", out_of_memory_when_plain)
     monkeypatch.setattr(auto, "time_call", two_ps_2_fastest)
     cb = RowCentricTraining(mode="auto", rows="auto", memory_budget=2**40)
     _fit(tmp_path, model, [cb], max_steps=1)
