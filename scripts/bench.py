@@ -220,13 +220,18 @@ def _plots(records: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def label(r: dict[str, Any]) -> str:  # method, and the GPU where not measured on a CPU
+        method = r["method"].split(" (")[0]
+        return method if r["device_name"].startswith("CPU") else f"{method}, {r['device_name'].replace('NVIDIA ', '')}"
+
     ok = [r for r in records if "peak_bytes" in r]
     for model in sorted({r["model"] for r in ok}):
         rows = [r for r in ok if r["model"] == model]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in sorted({r["method"].split(" (")[0] for r in rows}):
-            pts = sorted((r["size"], r["peak_bytes"] / MIB) for r in rows if r["method"].split(" (")[0] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for name in sorted({label(r) for r in rows}):
+            pts = sorted((r["size"], r["peak_bytes"] / MIB) for r in rows if label(r) == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if ", " in name else "-",
+                    label=name)
         ax.set(xlabel="image side (pixels)", ylabel="peak memory of one step (MiB)", yscale="log",
                title=f"{model}: memory vs resolution")
         ax.legend(fontsize=8)
@@ -237,7 +242,7 @@ def _plots(records: list[dict[str, Any]]) -> None:
         for r in rows:
             if "peak_ratio" in r:
                 ax.scatter(r["time_ratio"], r["peak_ratio"], s=30)
-                ax.annotate(f"{r['method'].split(' (')[0]} {r['size']}", (r["time_ratio"], r["peak_ratio"]), fontsize=7)
+                ax.annotate(f"{label(r)} {r['size']}", (r["time_ratio"], r["peak_ratio"]), fontsize=7)
         ax.set(xlabel="step time / plain", ylabel="peak memory / plain", title=f"{model}: memory–time trade-off")
         fig.tight_layout()
         fig.savefig(DOCS / "img" / f"memory_time_{model}.png", dpi=100)
