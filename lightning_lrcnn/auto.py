@@ -297,12 +297,13 @@ def choose_plan(
     convert_kwargs = dict(convert_kwargs or {})
     before = [row_centric_config(t) for t in targets]
     snapshot = _StateSnapshot([*targets, *state_modules])
+    unique = list(dict.fromkeys(candidates))
     by_candidate: dict[Candidate, CandidateResult] = {}
     fewest: dict[str, Candidate] = {}  # on CUDA, per banded mode, the fewest bands measured to fit
     try:
         inputs = _capture_inputs(targets, step)
         snapshot.restore()
-        for candidate in sorted(dict.fromkeys(candidates), key=lambda c: (c.mode != "column", c.mode, c.rows)):
+        for candidate in sorted(unique, key=lambda c: (c.mode != "column", c.mode, c.rows)):
             if candidate.mode in fewest:
                 by_candidate[candidate] = CandidateResult(candidate, None, None, False,
                                                           f"skipped: {fewest[candidate.mode]} fits with fewer bands")
@@ -314,7 +315,7 @@ def choose_plan(
                 fewest[candidate.mode] = candidate
     finally:
         snapshot.restore()
-    results = [by_candidate[c] for c in dict.fromkeys(candidates)]
+    results = [by_candidate[c] for c in unique]
     fitting = [r for r in results if r.fits]
     if not fitting:
         for t, cfg in zip(targets, before):  # leave the targets as they came

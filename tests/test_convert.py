@@ -382,7 +382,6 @@ def test_segments_kept_by_the_peak_pass_train_exactly() -> None:
                       batchnorm="freeze", tallest=True)
 
 
-
 def test_keeping_a_segment_leaves_a_margin_under_the_peak() -> None:
     """The keep pass's rule per step (``planner._keeps_under``): never above the plan's peak; a step whose estimate
     rose must stay ``_KEEP_MARGIN`` below it (a step the estimate puts just under the peak measured above it:
