@@ -3,7 +3,8 @@
 Candidates (the plain "column" model, 2PS and OverL at several band counts) are pruned with the analytic
 estimate (``lightning_lrcnn.estimate``: a candidate whose targets alone are estimated above the budget, by more
 than the estimate's error, is not run), then measured on a real step (peak, and the median time of a few steps);
-the fastest whose measured peak fits the budget wins. On a GPU each mode stops at the fewest bands that fit: a
+the fastest whose measured peak fits the budget wins. Each candidate's planner may spend 90% of the budget on
+time (fewer bands, segments kept whole) where its smallest plan is well under it. On a GPU each mode stops at the fewest bands that fit: a
 banded step there is bound by kernel launches, so more bands only cost time (README, "On a GPU"). On a CPU
 every candidate is measured: smaller bands can run faster where the network is memory-bound (timm
 MobileNetV3 at 1024², OverL 8 1.31x the plain step against OverL 2 1.51x and OverL 4 1.72x, same process).
@@ -27,7 +28,7 @@ from .errors import RowCentricError
 from .estimate import estimate, estimate_plain
 from .memory import MIB, measure, time_call
 
-__all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_plan", "resolve_budget",
+__all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_plan", "resolve_budget", "check_budget",
            "candidates_for", "sum_outputs", "DEFAULT_CANDIDATES", "DEFAULT_BUDGET_FRACTION", "TIMED_STEPS"]
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class Candidate:
 DEFAULT_CANDIDATES = (Candidate("column"), Candidate("2ps", 2), Candidate("2ps", 4), Candidate("2ps", 8),
                       Candidate("2ps", 16), Candidate("2ps", 32), Candidate("overl", 2), Candidate("overl", 4),
                       Candidate("overl", 8), Candidate("overl", 16), Candidate("overl", 32), Candidate("overl", 48))
+# of the budget, the estimated peak each candidate's planner may spend on time (fewer bands, segments kept whole):
+# the rest absorbs the estimate's error and what runs outside the targets. Where no candidate planned so fits,
+# they are measured again as planned for their smallest peak.
+PLAN_GOAL_FRACTION = 0.9
 # timed steps per measured candidate (the median is compared): one step's time varies by 10-20% on a busy machine
 TIMED_STEPS = 3
 
@@ -84,6 +89,7 @@ class Choice:
     best: Candidate
     results: list[CandidateResult] = field(default_factory=list)
     budget_bytes: int = 0
+    plan_budget: int | None = None  # the estimated peak each target's planner could spend on time (None: none)
 
     def result(self, candidate: Candidate) -> CandidateResult | None:
         return next((r for r in self.results if r.candidate == candidate), None)
@@ -93,7 +99,8 @@ class Choice:
         return self.result(Candidate("column"))
 
     def report(self) -> str:
-        lines = [f"budget {self.budget_bytes / MIB:.1f} MiB; chosen {self.best}"]
+        spent = "" if self.plan_budget is None else f" (plans spend up to {self.plan_budget / MIB:.1f} MiB per target)"
+        lines = [f"budget {self.budget_bytes / MIB:.1f} MiB; chosen {self.best}{spent}"]
         lines += [r.row() for r in self.results]
         return "\n".join(lines)
 
@@ -110,6 +117,14 @@ def resolve_budget(memory_budget: Any, device: torch.device) -> int:
     """
     if memory_budget is None:
         memory_budget = DEFAULT_BUDGET_FRACTION
+    check_budget(memory_budget)
+    if isinstance(memory_budget, float):
+        return int(memory_budget * _device_memory(device))
+    return int(memory_budget)
+
+
+def check_budget(memory_budget: Any) -> None:
+    """Raises ValueError unless ``memory_budget`` is bytes (int > 0) or a fraction (float in (0, 1])."""
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
         raise ValueError(f"memory_budget must be bytes (int > 0), a fraction of device memory (0 < float <= 1) "
                          f"or None, got {memory_budget!r}")
@@ -119,8 +134,6 @@ def resolve_budget(memory_budget: Any, device: torch.device) -> int:
         if memory_budget > 1:
             raise ValueError(f"memory_budget as a float is a fraction of device memory in (0, 1], got {memory_budget}; "
                              "pass an int for bytes")
-        return int(memory_budget * _device_memory(device))
-    return int(memory_budget)
 
 
 def _device_memory(device: torch.device) -> int:
@@ -270,6 +283,26 @@ def _measure(candidate: Candidate, targets: Sequence[nn.Module], step: Callable[
                            ran_plain=len(reasons) == len(targets))
 
 
+def _measure_all(candidates: Sequence[Candidate], targets: Sequence[nn.Module], step: Callable[[], Any],
+                 inputs: list[tuple[tuple, dict]] | None, budget: int, memory: int, device: torch.device,
+                 snapshot: _StateSnapshot, batchnorm: str, convert_kwargs: dict[str, Any]) -> list[CandidateResult]:
+    """Every candidate's result, in the order given (measured: the plain model first, then by mode and bands; on
+    CUDA each mode stops at the fewest bands that fit)."""
+    by_candidate: dict[Candidate, CandidateResult] = {}
+    fewest: dict[str, Candidate] = {}  # on CUDA, per banded mode, the fewest bands measured to fit
+    for candidate in sorted(candidates, key=lambda c: (c.mode != "column", c.mode, c.rows)):
+        if candidate.mode in fewest:
+            by_candidate[candidate] = CandidateResult(candidate, None, None, False,
+                                                      f"skipped: {fewest[candidate.mode]} fits with fewer bands")
+            continue
+        by_candidate[candidate] = result = _measure(candidate, targets, step, inputs, budget, memory, device,
+                                                    snapshot, batchnorm, convert_kwargs)
+        log.info("lrcnn probe %s", result.row())
+        if result.fits and candidate.mode != "column" and device.type == "cuda":
+            fewest[candidate.mode] = candidate
+    return [by_candidate[c] for c in candidates]
+
+
 def choose_plan(
     targets: Sequence[nn.Module],
     step: Callable[[], Any],
@@ -280,9 +313,12 @@ def choose_plan(
     device: torch.device | str = "cpu",
     state_modules: Sequence[nn.Module] = (),
     convert_kwargs: dict[str, Any] | None = None,
+    spend_budget: bool = True,
 ) -> Choice:
     """Measure ``candidates`` on ``step`` (one forward + backward through ``targets``) and pick the fastest
-    whose peak fits ``memory_budget``. On CUDA each mode is measured from its fewest bands up and stops at the
+    whose peak fits ``memory_budget``. Each candidate is planned to spend up to ``PLAN_GOAL_FRACTION`` of the budget
+    (per target) on time; where none of them fits, they are measured again as planned for their smallest peaks.
+    On CUDA each mode is measured from its fewest bands up and stops at the
     first that fits (its candidates with more bands are reported as skipped). ``targets`` are left converted to
     the choice (or plain for "column"); gradients, buffers and RNG of ``targets`` and ``state_modules`` are as
     before the call.
@@ -298,31 +334,28 @@ def choose_plan(
     before = [row_centric_config(t) for t in targets]
     snapshot = _StateSnapshot([*targets, *state_modules])
     unique = list(dict.fromkeys(candidates))
-    by_candidate: dict[Candidate, CandidateResult] = {}
-    fewest: dict[str, Candidate] = {}  # on CUDA, per banded mode, the fewest bands measured to fit
+    goal = max(1, int(PLAN_GOAL_FRACTION * budget / max(1, len(targets))))
     try:
         inputs = _capture_inputs(targets, step)
         snapshot.restore()
-        for candidate in sorted(unique, key=lambda c: (c.mode != "column", c.mode, c.rows)):
-            if candidate.mode in fewest:
-                by_candidate[candidate] = CandidateResult(candidate, None, None, False,
-                                                          f"skipped: {fewest[candidate.mode]} fits with fewer bands")
-                continue
-            by_candidate[candidate] = result = _measure(candidate, targets, step, inputs, budget, memory, device,
-                                                        snapshot, batchnorm, convert_kwargs)
-            log.info("lrcnn probe %s", result.row())
-            if result.fits and candidate.mode != "column" and device.type == "cuda":
-                fewest[candidate.mode] = candidate
+        for kwargs in ([{**convert_kwargs, "memory_budget": goal}] if spend_budget else []) + [convert_kwargs]:
+            results = _measure_all(unique, targets, step, inputs, budget, memory, device, snapshot, batchnorm, kwargs)
+            if any(r.fits for r in results):
+                break
+            if kwargs is not convert_kwargs:
+                log.info("lrcnn: no candidate planned to spend %.1f MiB fits: measuring them at their smallest "
+                         "peaks", goal / MIB)
     finally:
         snapshot.restore()
-    results = [by_candidate[c] for c in unique]
     fitting = [r for r in results if r.fits]
     if not fitting:
         for t, cfg in zip(targets, before):  # leave the targets as they came
             if cfg is None:
                 restore(t)
             else:
-                to_row_centric(t, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm, **convert_kwargs)
+                to_row_centric(t, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm,
+                               leaf_modules=cfg.leaf_modules, autowrap_functions=cfg.autowrap_functions,
+                               memory_budget=cfg.memory_budget)
         measured_peaks = [r for r in results if r.peak_bytes is not None]
         smallest = min(measured_peaks, key=lambda r: r.peak_bytes or 0) if measured_peaks else None
         estimated = [r for r in results if r.estimate_bytes is not None]
@@ -337,8 +370,8 @@ def choose_plan(
             f"no candidate fits memory_budget={budget / MIB:.1f} MiB: {found}. Remedy: raise memory_budget, lower "
             "the batch size or image size, add candidates with more rows, or use batchnorm='freeze'.")
     best = min(fitting, key=lambda r: r.seconds or 0.0)
-    _apply(targets, best.candidate, batchnorm, convert_kwargs)
-    choice = Choice(best.candidate, results, budget)
+    _apply(targets, best.candidate, batchnorm, kwargs)
+    choice = Choice(best.candidate, results, budget, kwargs.get("memory_budget"))
     log.info("lrcnn choice:\n%s", choice.report())
     return choice
 

@@ -105,6 +105,7 @@ class RowCentricTraining(Callback):
         self.leaf_modules = tuple(leaf_modules)
         self.choice: Choice | None = None
         self.chosen: Candidate | None = None
+        self._plan_budget: int | None = None  # what the chosen plan's planner spent on time (see choose_plan)
         self._modules: list[nn.Module] = []
         self._names: list[str] = []
         self._warned_no_logger = False
@@ -175,7 +176,7 @@ class RowCentricTraining(Callback):
                 restore(m)
             else:
                 to_row_centric(m, mode=candidate.mode, rows=candidate.rows, batchnorm=self.batchnorm,
-                               leaf_modules=self.leaf_modules)
+                               leaf_modules=self.leaf_modules, memory_budget=self._plan_budget)
 
     # ----------------------------------------------------------------------------------------- probe
 
@@ -201,12 +202,15 @@ class RowCentricTraining(Callback):
         try:
             choice = choose_plan(self._modules, step, memory_budget=budget, candidates=candidates,
                                  batchnorm=self.batchnorm, device=device, state_modules=[pl_module],
-                                 convert_kwargs={"leaf_modules": self.leaf_modules})
+                                 convert_kwargs={"leaf_modules": self.leaf_modules}, spend_budget=fixed is None)
         except NoPlanFitsError as exc:
             raise MisconfigurationException(f"RowCentricTraining(memory_budget={self.memory_budget!r}): {exc}") from None
         best = choice.best
+        if fixed is None:
+            self._plan_budget = choice.plan_budget
         if fixed is None and trainer.world_size > 1:  # every rank must run the same plan
-            best = trainer.strategy.broadcast(best, src=0)
+            best, self._plan_budget = trainer.strategy.broadcast((best, choice.plan_budget), src=0)
+            choice.plan_budget = self._plan_budget
             self._apply(best)
         elif fixed is not None:
             best = fixed
@@ -304,12 +308,14 @@ class RowCentricTraining(Callback):
     # ----------------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.chosen is None else {"mode": self.chosen.mode, "rows": self.chosen.rows}
+        return {} if self.chosen is None else {"mode": self.chosen.mode, "rows": self.chosen.rows,
+                                               "plan_budget": self._plan_budget}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:  # resumed: keep the plan chosen before (no new probe)
             self.chosen = Candidate(state_dict["mode"], int(state_dict["rows"]))
-            self.choice = Choice(self.chosen)
+            self._plan_budget = state_dict.get("plan_budget")
+            self.choice = Choice(self.chosen, plan_budget=self._plan_budget)
             self._apply(self.chosen)
 
 

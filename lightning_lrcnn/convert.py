@@ -41,6 +41,7 @@ class RowCentricConfig:
     batchnorm: str = "exact"
     leaf_modules: tuple[type | str, ...] = ()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
+    memory_budget: int | float | None = None  # the estimated peak the planner may spend on time
 
 
 @dataclass
@@ -88,8 +89,10 @@ def to_row_centric(
             parameters still train) or ``"per_band"`` (per-band statistics: an approximation, warns once).
         leaf_modules: submodule types or qualified names not to trace into (they run as global ops).
         autowrap_functions: free functions to keep as single graph nodes when tracing.
-        memory_budget: for "auto": bytes (int), a fraction of the device's memory (float in (0, 1]) or None
-            (80% of it).
+        memory_budget: bytes (int) or a fraction of the device's memory (float in (0, 1]). For "auto": the
+            measured peak a candidate must fit (None: 80% of the device's memory). With a fixed ``mode``/``rows``:
+            the estimated peak the planner may use to run faster (fewer bands, segments kept whole) once its
+            plan is under it (None: the smallest peak it finds).
         example_input: for "auto": a representative input batch, used for one probe step per candidate
             (the probe leaves gradients, buffers and RNG as they were).
 
@@ -113,7 +116,11 @@ def to_row_centric(
     if batchnorm == "per_band":
         warnings.warn("batchnorm='per_band' normalises each band with its own statistics: this approximates "
                       "train-mode BatchNorm and does not match the plain model", UserWarning, stacklevel=2)
-    config = RowCentricConfig(mode, rows, batchnorm, tuple(leaf_modules), tuple(autowrap_functions))
+    if memory_budget is not None:
+        from .auto import check_budget
+
+        check_budget(memory_budget)
+    config = RowCentricConfig(mode, rows, batchnorm, tuple(leaf_modules), tuple(autowrap_functions), memory_budget)
     if row_centric_config(module) == config:
         return module  # already converted this way: keep the traces and plans
     if is_row_centric(module):
@@ -206,10 +213,15 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
             graphs = (gm,) if split is None else (gm, split)
             if "shapes" not in gm.meta:  # a graph for these input shapes only is kept in their plan
                 state.traces[modes] = graphs
+        goal = None
+        if cfg.memory_budget is not None:
+            from .auto import resolve_budget
+
+            goal = resolve_budget(cfg.memory_budget, inputs[0].device)
         plans = []
         for gm in graphs:  # as traced and, with GroupNorm / InstanceNorm, split: the lower estimated peak
             propagate_shapes(gm, inputs)
-            plans.append(build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm))
+            plans.append(build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm, goal=goal))
         plan = min(plans, key=lambda p: estimate(p).peak_bytes)
         plan = _never_worse(plan, plans[0])
         state.plans[key] = plan

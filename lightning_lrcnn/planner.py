@@ -496,8 +496,10 @@ def _best_split(nodes: list[fx.Node], static: dict[fx.Node, Any]) -> int:
 # --------------------------------------------------------------------------------------------- plan
 
 
-def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, batchnorm: str) -> Plan:
-    """Plan ``gm`` (shapes already propagated) for row-centric execution.
+def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, batchnorm: str,
+               goal: int | None = None) -> Plan:
+    """Plan ``gm`` (shapes already propagated) for row-centric execution. ``goal``: bytes the estimated peak may
+    reach; where the plan is estimated below it, the difference is spent on time (see :func:`_spend_goal`).
 
     Raises:
         PlanError: a node cannot be planned; the message shows the node.
@@ -514,7 +516,10 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     # whether to cut regions down to pieces of one band is decided on the finished plans' estimates
     plans = [_plan_regions(graph, root, regions, rules, static, param_grads, mode, band_bytes, cut_whole)
              for cut_whole in (True, False)]
-    return min(plans, key=peak_bytes)
+    plan = min(plans, key=peak_bytes)
+    if goal is not None:
+        _spend_goal(plan, goal)
+    return plan
 
 
 def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]], rules: dict[fx.Node, NodeRule],
@@ -543,15 +548,36 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
     return plan
 
 
-def _keep_where_peak_holds(plan: Plan) -> None:
+def _spend_goal(plan: Plan, goal: int) -> None:
+    """Spend what the plan's estimated peak leaves under ``goal`` on time: keep recomputed segments plain while
+    every step stays under the goal (deepest first, as :func:`_keep_where_peak_holds`), then give the segments
+    with the most bands 25% fewer while the peak stays under it (fewer, larger bands: less per-band work,
+    fewer halo and boundary rows). Nothing changes where the plan is estimated above the goal."""
+    if peak_bytes(plan) > goal:
+        return
+    _keep_where_peak_holds(plan, goal)
+    fewer = True
+    while fewer:
+        fewer = False
+        for s in sorted((s for s in plan.segments if s.recompute and len(s.bands) > 1), key=lambda s: -len(s.bands)):
+            before = s.bands, s.overlap
+            _band(s, len(s.bands) - max(1, len(s.bands) // 4))
+            if peak_bytes(plan) <= goal:
+                fewer = True
+            else:
+                s.bands, s.overlap = before
+
+
+def _keep_where_peak_holds(plan: Plan, goal: int = 0) -> None:
     """Run plainly (kept for backward, no recomputation) each recomputed segment whose activations fit under
     the estimated peak, deepest first: its forward runs once instead of twice and its bands' overhead goes,
     at no cost in peak memory. A segment's activations live from its forward to its backward; where the peak
     is elsewhere (typically the backward of an early, high-resolution segment), deep segments fit. Every step
     whose estimated peak keeping raises must stay ``_KEEP_MARGIN`` below the plan's peak: the estimate is not
-    exact, and a step it puts just under the peak can measure above it."""
+    exact, and a step it puts just under the peak can measure above it. ``goal``: a peak (bytes) to keep under
+    instead, where it is above the plan's own."""
     peaks = estimate_segment_peaks(plan)
-    peak = max((p for _, p in peaks), default=0)
+    peak = max(max((p for _, p in peaks), default=0), goal)
     for s in reversed(plan.segments):
         if not s.recompute:
             continue

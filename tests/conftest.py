@@ -32,6 +32,7 @@ def assert_equivalent(
     prepare: Callable[[nn.Module, torch.Tensor], None] | None = None,
     bands: bool | None = None,
     tallest: bool = False,
+    memory_budget: int | None = None,
     **tolerance: float,
 ) -> nn.Module:
     """Output, input gradient and every parameter gradient match the plain module (and every parameter got one).
@@ -42,7 +43,8 @@ def assert_equivalent(
     A plan that runs plain is exact too, and proves nothing about bands.
     """
     plain = make().to(dtype).train(train)
-    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=rows, batchnorm=batchnorm)
+    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=rows, batchnorm=batchnorm,
+                               memory_budget=memory_budget)
     if batchnorm == "freeze":
         for m in plain.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

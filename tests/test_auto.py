@@ -132,3 +132,36 @@ def test_candidates_are_timed_over_several_steps(monkeypatch: pytest.MonkeyPatch
     model, x = _net().eval(), torch.randn(1, 3, 64, 64)
     choose_plan([model], _step(model, x), memory_budget=2**40, candidates=(Candidate("column"), Candidate("overl", 2)))
     assert calls == [TIMED_STEPS, TIMED_STEPS] and TIMED_STEPS >= 3
+
+
+def test_plans_spend_the_budget_and_fall_back_to_their_smallest_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates are planned to spend ``PLAN_GOAL_FRACTION`` of the budget on time (the chosen module keeps that
+    planning); where none of them then fits, they are measured again as planned for their smallest peaks."""
+    import dataclasses
+
+    import lightning_lrcnn.auto as auto
+
+    model, x = _net().eval(), torch.randn(2, 3, 96, 96)
+    budget = int(0.6 * measure(_step(copy.deepcopy(model), x)).peak_bytes)
+    cands = candidates_for("auto", "auto")
+    choice = choose_plan([model], _step(model, x), memory_budget=budget, candidates=cands)
+    assert choice.plan_budget == int(auto.PLAN_GOAL_FRACTION * budget)
+    assert row_centric_config(model).memory_budget == choice.plan_budget
+    assert "plans spend up to" in choice.report()
+
+    real = auto.measure
+    spending: list[bool] = []
+
+    def over_when_spending(fn, device):  # type: ignore[no-untyped-def]
+        got = real(fn, device)
+        cfg = row_centric_config(model)
+        spending.append(cfg is not None and cfg.memory_budget is not None)
+        return dataclasses.replace(got, peak_bytes=budget + 1) if spending[-1] else got
+
+    monkeypatch.setattr(auto, "measure", over_when_spending)
+    model = _net().eval()
+    choice = choose_plan([model], _step(model, x), memory_budget=budget, candidates=cands)
+    assert any(spending) and not spending[-1]  # measured spending first, then at the smallest peaks
+    assert choice.plan_budget is None and row_centric_config(model).memory_budget is None
+    best = choice.result(choice.best)
+    assert best is not None and best.fits and best.peak_bytes <= budget

@@ -327,6 +327,7 @@ def test_baseline_estimated_when_the_choice_was_not_measured_last(tmp_path, monk
         return 1.0 if cfg is not None and (cfg.mode, cfg.rows) == ("2ps", 2) else 2.0
 
     monkeypatch.setattr(auto, "time_call", two_ps_2_fastest)
+    monkeypatch.setattr(auto, "PLAN_GOAL_FRACTION", 0.0)  # plans at their smallest peaks (a TiB would keep all)
     cb = RowCentricTraining(mode="auto", rows="auto", memory_budget=2**40)
     _fit(tmp_path, model, [cb], max_steps=1)
     assert cb.chosen == Candidate("2ps", 2)

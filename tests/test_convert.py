@@ -121,6 +121,9 @@ def test_fewer_rows_than_bands_uses_one_band_per_row() -> None:
     ({"mode": "2ps", "rows": 2.5}, "rows must be an integer >= 1"),
     ({"mode": "2ps", "rows": True}, "rows must be an integer >= 1"),
     ({"mode": "2ps", "rows": 2, "batchnorm": "frozen"}, "batchnorm must be one of"),
+    ({"mode": "2ps", "rows": 2, "memory_budget": 0}, "memory_budget must be > 0"),
+    ({"mode": "2ps", "rows": 2, "memory_budget": 1.5}, r"fraction of device memory in \(0, 1\]"),
+    ({"mode": "2ps", "rows": 2, "memory_budget": "2GB"}, "memory_budget must be bytes"),
 ])
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -394,3 +397,31 @@ def test_keeping_a_segment_leaves_a_margin_under_the_peak() -> None:
     assert planner._keeps_under(new=800, old=500, peak=peak)  # rose, with margin to spare
     assert not planner._keeps_under(new=int((1 - planner._KEEP_MARGIN / 2) * peak), old=500, peak=peak)  # too close
     assert not planner._keeps_under(new=1001, old=1001, peak=peak)  # never above the peak
+
+
+def test_a_memory_budget_is_spent_on_time() -> None:
+    """With a fixed mode, ``memory_budget`` lets the planner use the estimated peak up to it
+    (``planner._spend_goal``): segments kept whole and fewer bands, never above it; a plan that is not under it
+    stays as it was. The spent plan trains exactly (float64), still on bands."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 512, 384)
+
+    def bands(plan):  # type: ignore[no-untyped-def]
+        return sum(len(s.bands) for s in plan.segments if s.recompute)
+
+    floor = plan_for(to_row_centric(copy.deepcopy(net), mode="overl", rows=8), x)
+    low, plain = estimate(floor).peak_bytes, estimate_plain(floor)
+    goal = (low + plain) // 2
+    spent = plan_for(to_row_centric(copy.deepcopy(net), mode="overl", rows=8, memory_budget=goal), x)
+    assert low < estimate(spent).peak_bytes <= goal
+    assert 0 < bands(spent) < bands(floor), (describe(floor), describe(spent))
+    under = plan_for(to_row_centric(copy.deepcopy(net), mode="overl", rows=8, memory_budget=low // 2), x)
+    assert describe(under) == describe(floor)
+
+    small = torch.randn(1, 3, 256, 192, dtype=torch.float64)
+    plain_net = net.double()
+    floor64 = plan_for(to_row_centric(copy.deepcopy(plain_net), mode="overl", rows=8), small)
+    goal64 = (estimate(floor64).peak_bytes + estimate_plain(floor64)) // 2
+    assert_equivalent(lambda: copy.deepcopy(plain_net), tuple(small.shape), mode="overl", rows=8, tallest=True,
+                      memory_budget=goal64)
