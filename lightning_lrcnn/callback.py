@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .auto import Candidate, Choice, NoPlanFitsError, candidates_for, choose_plan, resolve_budget
+from .auto import Candidate, Choice, NoPlanFitsError, candidates_for, choose_plan, check_budget
 from .convert import cached_plans, restore, to_row_centric
 from .estimate import estimate, estimate_plain
 from .memory import MIB
@@ -37,7 +37,8 @@ class RowCentricTraining(Callback):
     ``teardown`` they are restored. With ``mode="auto"`` or ``rows="auto"`` the first training batch is used
     to measure the plain model, 2PS and OverL at several band counts; the probe's effect on gradients,
     buffers (BatchNorm statistics) and RNG is undone, so the run is the one it would have been without it, and
-    the fastest candidate whose peak fits ``memory_budget`` is kept.
+    the fastest candidate whose peak fits ``memory_budget`` is kept (each candidate is planned to spend up to 90% of
+    the budget on time: fewer bands, segments kept whole, where its smallest plan is well under it).
 
     Logged to every attached logger (at the first training step, from the probe):
 
@@ -92,9 +93,8 @@ class RowCentricTraining(Callback):
             raise MisconfigurationException(
                 f"RowCentricTraining(batchnorm={batchnorm!r}): batchnorm must be one of {BATCHNORM_POLICIES}")
         try:
-            resolve_budget(memory_budget, torch.device("cpu")) if not isinstance(memory_budget, float) else None
-            if isinstance(memory_budget, float) and not 0 < memory_budget <= 1:
-                raise ValueError(f"memory_budget as a float is a fraction in (0, 1], got {memory_budget}")
+            if memory_budget is not None:
+                check_budget(memory_budget)
         except ValueError as exc:
             raise MisconfigurationException(f"RowCentricTraining: {exc}") from None
         if targets is not None and (isinstance(targets, str) or not all(isinstance(t, str) for t in targets)):

@@ -514,7 +514,7 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     regions = _regions(graph, rules, static)
     band_bytes = max(1, max((sum(_full_bytes(v) for v in region) for region in regions), default=0) // rows)
     # whether to cut regions down to pieces of one band is decided on the finished plans' estimates
-    plans = [_plan_regions(graph, root, regions, rules, static, param_grads, mode, band_bytes, cut_whole)
+    plans = [_plan_regions(graph, root, regions, rules, static, param_grads, mode, band_bytes, cut_whole, goal)
              for cut_whole in (True, False)]
     plan = min(plans, key=peak_bytes)
     if goal is not None:
@@ -524,8 +524,9 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
 
 def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]], rules: dict[fx.Node, NodeRule],
                   static: dict[fx.Node, Any], param_grads: dict[fx.Node, int], mode: str, band_bytes: int,
-                  cut_whole: bool) -> Plan:
-    """Regions -> segments (some kept plain) -> a plan, its peak relieved and statistics streamed."""
+                  cut_whole: bool, goal: int | None = None) -> Plan:
+    """Regions -> segments (some kept plain) -> a plan, its peak relieved and statistics streamed (those that
+    cost recomputation only while the estimated peak is above ``goal``)."""
     region_of = {region[0]: _segments(region, rules, mode, band_bytes, static, param_grads, cut_whole)
                  for region in regions}
     _keep_small_segments([s for segs in region_of.values() for s in segs], param_grads)
@@ -538,9 +539,10 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
             steps.append(node)
     plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
     _relieve_peak(plan)
-    _stream_statistics(plan, root)
+    _stream_statistics(plan, root, goal)
     _merge_lone_nodes(plan)
-    _recompute_tails(plan, root)
+    if goal is None or peak_bytes(plan) > goal:
+        _recompute_tails(plan, root)
     _relieve_peak(plan)  # streaming moved the peak
     _fewer_boundary_rows(plan)
     _cut_gradients(plan)
@@ -811,9 +813,10 @@ def _work(node: fx.Node, root: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------- streamed statistics
 
 
-def _stream_statistics(plan: Plan, root: nn.Module) -> None:
+def _stream_statistics(plan: Plan, root: nn.Module, goal: int | None = None) -> None:
     """Stream each train-mode BatchNorm's statistics, and each mean over the image (a squeeze-excitation gate's
-    squeeze), (:class:`Streamed`) where that lowers the estimated peak.
+    squeeze), (:class:`Streamed`) where that lowers the estimated peak, in graph order until the peak is under
+    ``goal`` (streaming costs recomputation).
 
     # NOTE [ Streamed statistics ]
     # Materialised, a BatchNorm's statistics keep their input (a convolution output) whole until backward.
@@ -824,6 +827,8 @@ def _stream_statistics(plan: Plan, root: nn.Module) -> None:
     """
     peak = peak_bytes(plan)
     for stats in [s for s in plan.steps if isinstance(s, fx.Node) and streamable(s, root)]:
+        if goal is not None and peak <= goal:
+            return
         trial = _streamed(plan, stats)
         if trial is None:
             continue

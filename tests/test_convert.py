@@ -425,3 +425,25 @@ def test_a_memory_budget_is_spent_on_time() -> None:
     goal64 = (estimate(floor64).peak_bytes + estimate_plain(floor64)) // 2
     assert_equivalent(lambda: copy.deepcopy(plain_net), tuple(small.shape), mode="overl", rows=8, tallest=True,
                       memory_budget=goal64)
+
+
+def test_a_memory_budget_streams_fewer_batchnorm_statistics() -> None:
+    """Train-mode BatchNorm: streaming statistics costs recomputation, so with a ``memory_budget`` the planner
+    streams them only while the estimated peak is above it. The plan trains exactly (float64, buffers too)."""
+    from lightning_lrcnn.plan import Streamed
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).double().train()
+    x = torch.randn(1, 3, 256, 256, dtype=torch.float64)
+
+    def streamed(plan):  # type: ignore[no-untyped-def]
+        return sum(isinstance(s, Streamed) for s in plan.steps)
+
+    floor = plan_for(to_row_centric(copy.deepcopy(net), mode="overl", rows=8), x)
+    plain = estimate_plain(floor)
+    goal = int(0.9 * plain)
+    assert estimate(floor).peak_bytes < goal and streamed(floor) > 0
+    spent = plan_for(to_row_centric(copy.deepcopy(net), mode="overl", rows=8, memory_budget=goal), x)
+    assert streamed(spent) < streamed(floor) and estimate(spent).peak_bytes <= goal, describe(spent)
+    assert_equivalent(lambda: copy.deepcopy(net), tuple(x.shape), mode="overl", rows=8, train=True,
+                      memory_budget=goal)
