@@ -223,19 +223,23 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
             propagate_shapes(gm, inputs)
             plans.append(build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm, goal=goal))
         plan = min(plans, key=lambda p: estimate(p).peak_bytes)
-        plan = _never_worse(plan, plans[0])
+        plan = _never_worse(plan, plans[0], goal)
         state.plans[key] = plan
         log.info("row-centric plan for %s %s:\n%s\n%s", type(module).__name__, tuple(inputs[0].shape),
                  describe(plan), breakdown(plan))
     return plan
 
 
-def _never_worse(plan: Plan, traced: Plan) -> Plan:
+def _never_worse(plan: Plan, traced: Plan, goal: int | None = None) -> Plan:
     """``plan``, or the module run as usual when ``plan`` is not estimated below the plain model (``traced`` is
-    the plan of the graph as traced, so its plain estimate is the plain model's)."""
+    the plan of the graph as traced, so its plain estimate is the plain model's) or the plain model is estimated
+    under ``goal`` (the memory budget to spend)."""
     if not plan.segments:
         return plain_plan(traced, "no row-local region (no convolution, pooling or pointwise op on image rows)")
     planned, plain = estimate(plan).peak_bytes, estimate_plain(traced)
+    if goal is not None and plain <= goal:
+        return plain_plan(traced, f"the plain model's estimated peak ({plain / 2**20:.1f} MiB) is within "
+                                  f"memory_budget ({goal / 2**20:.1f} MiB)")
     if planned < plain:
         return plan
     return plain_plan(traced, f"the row-centric plan's estimated peak ({planned / 2**20:.1f} MiB) is not below the "

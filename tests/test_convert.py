@@ -418,6 +418,8 @@ def test_a_memory_budget_is_spent_on_time() -> None:
     assert 0 < bands(spent) < bands(floor), (describe(floor), describe(spent))
     under = plan_for(to_row_centric(copy.deepcopy(net), mode="overl", rows=8, memory_budget=low // 2), x)
     assert describe(under) == describe(floor)
+    roomy = plan_for(to_row_centric(copy.deepcopy(net), mode="overl", rows=8, memory_budget=plain), x)
+    assert not roomy.segments and "within memory_budget" in (roomy.plain_reason or "")
 
     small = torch.randn(1, 3, 256, 192, dtype=torch.float64)
     plain_net = net.double()
