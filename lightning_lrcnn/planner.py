@@ -518,7 +518,7 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
              for cut_whole in (True, False)]
     plan = min(plans, key=peak_bytes)
     if goal is not None:
-        _spend_goal(plan, goal)
+        _spend_goal(plan, goal, band_bytes)
     return plan
 
 
@@ -550,20 +550,27 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
     return plan
 
 
-def _spend_goal(plan: Plan, goal: int) -> None:
+def _spend_goal(plan: Plan, goal: int, band_bytes: int) -> None:
     """Spend what the plan's estimated peak leaves under ``goal`` on time: keep recomputed segments plain while
     every step stays under the goal (deepest first, as :func:`_keep_where_peak_holds`), then give the segments
     with the most bands 25% fewer while the peak stays under it (fewer, larger bands: less per-band work,
-    fewer halo and boundary rows). Nothing changes where the plan is estimated above the goal."""
+    fewer halo and boundary rows), down to the bands ``rows`` asked for (``band_bytes`` each: those the
+    relief added go; a CPU can run smaller bands faster, so ``rows`` stays the caller's choice). Nothing changes
+    where the plan is estimated above the goal."""
     if peak_bytes(plan) > goal:
         return
     _keep_where_peak_holds(plan, goal)
+
+    def asked(s: Segment) -> int:
+        return band_count(band_bytes, sum(_full_bytes(v) for v in s.nodes), _output_rows(s))
+
     fewer = True
     while fewer:
         fewer = False
-        for s in sorted((s for s in plan.segments if s.recompute and len(s.bands) > 1), key=lambda s: -len(s.bands)):
+        for s in sorted((s for s in plan.segments if s.recompute and len(s.bands) > asked(s)),
+                        key=lambda s: -len(s.bands)):
             before = s.bands, s.overlap
-            _band(s, len(s.bands) - max(1, len(s.bands) // 4))
+            _band(s, max(asked(s), len(s.bands) - max(1, len(s.bands) // 4)))
             if peak_bytes(plan) <= goal:
                 fewer = True
             else:
