@@ -273,6 +273,38 @@ def render(records: list[dict[str, Any]]) -> None:
     DOCS.mkdir(exist_ok=True)
     (DOCS / "backbones.md").write_text("\n".join(lines))
     _plot(rows, order, methods)
+    _readme_table(rows, order)
+
+
+README_METHODS = ("2ps:16", "overl:16", "auto:0.25")
+_README_BN = {"frozen": "frozen", "-": "(LayerNorm)", "train": "train (streamed)"}
+
+
+def _readme_table(rows: list[dict[str, Any]], order: list[str]) -> None:
+    """Replace the README's table between its ``<!-- backbones -->`` markers with the latest runs' cells of
+    ``README_METHODS`` (``peak / plain @ time / plain``, the auto choice in brackets)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    start, end = "<!-- backbones -->\n", "<!-- /backbones -->"
+    if start not in text or end not in text:
+        return
+    lines = ["| network | BatchNorm | 2PS, 16 bands | OverL, 16 bands | auto, budget 0.25 of plain |",
+             "|---|---|---:|---:|---:|"]
+    for key in order:
+        recs = {r["method"]: r for r in rows if r["key"] == key}
+        plain = recs.get("plain", {})
+        cells = []
+        for m in README_METHODS:
+            r = recs.get(m, {})
+            if "peak_ratio" not in r:
+                cells.append(_error_cell(r.get("error", "—"), plain["peak_bytes"]) if "peak_bytes" in plain else "—")
+                continue
+            chosen = f" ({r['chosen']})" if "chosen" in r else ""
+            cells.append(f"{r['peak_ratio']:.3f} @ {r['time_ratio']:.2f}×{chosen}" + (" (plain)" if r.get("ran_plain") else ""))
+        label, _, bn = NETWORKS[key]
+        lines.append(f"| {label} | {_README_BN.get(bn, bn)} | " + " | ".join(cells) + " |")
+    before, rest = text.split(start, 1)
+    readme.write_text(before + start + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
 
 
 def _error_cell(error: str, plain_peak: int) -> str:
