@@ -28,8 +28,9 @@ from .errors import RowCentricError
 from .estimate import estimate, estimate_plain
 from .memory import MIB, measure, time_call
 
-__all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_plan", "resolve_budget", "check_budget",
-           "candidates_for", "sum_outputs", "DEFAULT_CANDIDATES", "DEFAULT_BUDGET_FRACTION", "TIMED_STEPS"]
+__all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_plan", "resolve_budget",
+           "check_budget", "candidates_for", "sum_outputs", "DEFAULT_CANDIDATES", "DEFAULT_BUDGET_FRACTION",
+           "TIMED_STEPS"]
 
 log = logging.getLogger(__name__)
 

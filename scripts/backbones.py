@@ -300,7 +300,8 @@ def _readme_table(rows: list[dict[str, Any]], order: list[str]) -> None:
                 cells.append(_error_cell(r.get("error", "—"), plain["peak_bytes"]) if "peak_bytes" in plain else "—")
                 continue
             chosen = f" ({r['chosen']})" if "chosen" in r else ""
-            cells.append(f"{r['peak_ratio']:.3f} @ {r['time_ratio']:.2f}×{chosen}" + (" (plain)" if r.get("ran_plain") else ""))
+            cells.append(f"{r['peak_ratio']:.3f} @ {r['time_ratio']:.2f}×{chosen}"
+                         + (" (plain)" if r.get("ran_plain") else ""))
         label, _, bn = NETWORKS[key]
         lines.append(f"| {label} | {_README_BN.get(bn, bn)} | " + " | ".join(cells) + " |")
     before, rest = text.split(start, 1)
