@@ -202,7 +202,8 @@ class RowCentricTraining(Callback):
         try:
             choice = choose_plan(self._modules, step, memory_budget=budget, candidates=candidates,
                                  batchnorm=self.batchnorm, device=device, state_modules=[pl_module],
-                                 convert_kwargs={"leaf_modules": self.leaf_modules}, spend_budget=fixed is None)
+                                 convert_kwargs={"leaf_modules": self.leaf_modules},
+                                 spend_budget=fixed is None)
         except NoPlanFitsError as exc:
             raise MisconfigurationException(f"RowCentricTraining(memory_budget={self.memory_budget!r}): {exc}") from None
         best = choice.best
