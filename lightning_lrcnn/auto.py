@@ -7,8 +7,8 @@ the fastest whose measured peak fits the budget wins. Each candidate's planner m
 time (fewer bands, segments kept whole) where its smallest plan is well under it. On a GPU each mode stops at
 the fewest bands that fit: a banded step there is bound by kernel launches, so more bands only cost time
 (README, "On a GPU"). On a CPU every candidate is measured: smaller bands can run faster where the network is
-memory-bound (timm MobileNetV3 at 1024², OverL 8 1.31x the plain step against OverL 2 1.51x and OverL 4 1.72x, same process).
-Every piece of state a probe step touches (gradients, buffers such as BN statistics, RNG) is restored, so
+memory-bound (timm MobileNetV3 at 1024², OverL 8 1.31x the plain step against OverL 2 1.51x and OverL 4 1.72x,
+same process). Every piece of state a probe step touches (gradients, buffers such as BN statistics, RNG) is restored, so
 choosing leaves the module exactly as it was.
 """
 
