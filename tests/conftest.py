@@ -132,9 +132,9 @@ class NormAct(nn.BatchNorm2d):
 def banded_anyway(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the planned bands even where they cannot save memory (tests of rules and geometry at sizes too small
     for that): no fallback to the plain model, no segment kept plain. Both are tested on their own."""
-    monkeypatch.setattr("lightning_lrcnn.convert._never_worse", lambda plan, traced: plan)
+    monkeypatch.setattr("lightning_lrcnn.convert._never_worse", lambda plan, traced, goal=None: plan)
     monkeypatch.setattr("lightning_lrcnn.planner._keep_small_segments", lambda segments, param_grads: None)
-    monkeypatch.setattr("lightning_lrcnn.planner._keep_where_peak_holds", lambda plan: None)
+    monkeypatch.setattr("lightning_lrcnn.planner._keep_where_peak_holds", lambda plan, goal=0: None)
 
 
 class RecordOps(TorchDispatchMode):

@@ -196,7 +196,7 @@ def test_validate_test_predict_loops(tmp_path) -> None:
     ({"batchnorm": "x"}, "batchnorm must be one of"),
     ({"memory_budget": -5}, "memory_budget must be > 0"),
     ({"memory_budget": "lots"}, "memory_budget must be bytes"),
-    ({"memory_budget": 1.5}, r"fraction in \(0, 1\]"),
+    ({"memory_budget": 1.5}, r"fraction of device memory in \(0, 1\]"),
     ({"targets": "backbone"}, "targets must be a list"),
 ])
 def test_bad_arguments(kwargs: dict, match: str) -> None:

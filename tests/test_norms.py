@@ -298,7 +298,7 @@ def test_streamed_statistics_save_what_materialised_ones_keep() -> None:
         if not streamed:
             from unittest import mock
 
-            with mock.patch("lightning_lrcnn.planner._stream_statistics", lambda plan, root: None):
+            with mock.patch("lightning_lrcnn.planner._stream_statistics", lambda plan, root, goal=None: None):
                 plan = plan_for(model, x)
         else:
             plan = plan_for(model, x)
@@ -582,7 +582,7 @@ def test_recomputed_tails_match_plain_training(mode: str, statistics: str, monke
     from lightning_lrcnn.plan import step_outputs
 
     if statistics == "materialised":
-        monkeypatch.setattr(planner, "_stream_statistics", lambda plan, root: None)
+        monkeypatch.setattr(planner, "_stream_statistics", lambda plan, root, goal=None: None)
     budget = planner.MAX_TAIL_WORK
 
     def held(work: float) -> set[str]:
