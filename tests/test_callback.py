@@ -71,10 +71,10 @@ def _trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:  # type: ignore[no
     return pl.Trainer(callbacks=list(callbacks), **defaults)
 
 
-def _fit(tmp_path, model: pl.LightningModule, callbacks=(), **kwargs) -> pl.LightningModule:  # type: ignore[no-untyped-def]
+def _fit(tmp_path, model: pl.LightningModule, callbacks=(), size: int = 32, **kwargs) -> pl.LightningModule:  # type: ignore[no-untyped-def]
     pl.seed_everything(0)
     dtype = torch.float64 if kwargs.get("precision") == "64-true" else torch.float32
-    _trainer(tmp_path, callbacks, **kwargs).fit(model, _data(dtype=dtype), _data(dtype=dtype))
+    _trainer(tmp_path, callbacks, **kwargs).fit(model, _data(size=size, dtype=dtype), _data(size=size, dtype=dtype))
     return model
 
 
@@ -145,20 +145,26 @@ def test_no_logger_still_works_and_says_so(tmp_path) -> None:
     assert cb.metrics()["lrcnn/rows"] == 2
 
 
-def test_probe_leaves_run_bit_identical(tmp_path) -> None:
+@pytest.mark.parametrize(("mode", "budget", "size"), [
+    ("auto", None, 32),  # plans spend most of the machine: they run as usual
+    ("overl", 62 * 2**20, 128),  # a budget under the plain estimate (64.6 MiB): bands run, planned to spend it
+])
+def test_probe_leaves_run_bit_identical(tmp_path, mode: str, budget: int | None, size: int) -> None:
     torch.manual_seed(0)
     start = Classifier("resnet18")  # train-mode BN: the probe must restore running statistics
-    auto = RowCentricTraining(mode="auto", rows="auto")
-    probed = _fit(tmp_path, copy.deepcopy(start), [auto], max_steps=2)
+    auto = RowCentricTraining(mode=mode, rows="auto", memory_budget=budget)
+    probed = _fit(tmp_path, copy.deepcopy(start), [auto], max_steps=2, size=size)
     chosen = auto.chosen
     assert chosen is not None and auto.choice is not None and len(auto.choice.results) > 1
+    if budget is not None:
+        result = auto.choice.result(chosen)
+        assert result is not None and not result.ran_plain and auto.state_dict()["plan_budget"] < budget
     # the same plan without a probe: every weight and buffer must be bit-identical
     same_plan = [] if chosen.mode == "column" else [RowCentricTraining(mode=chosen.mode, rows=chosen.rows)]
     unprobed = copy.deepcopy(start)
-    if same_plan:
-        same_plan[0].chosen = chosen  # skip the fixed mode's baseline measurement: no probe at all
-        same_plan[0].choice = auto.choice
-    _fit(tmp_path, unprobed, same_plan, max_steps=2)
+    if same_plan:  # as a resumed run does: the chosen plan with the budget it spent, and no probe at all
+        same_plan[0].load_state_dict(auto.state_dict())
+    _fit(tmp_path, unprobed, same_plan, max_steps=2, size=size)
     for k, v in unprobed.state_dict().items():
         assert torch.equal(probed.state_dict()[k], v), f"{k} differs: the probe changed the run"
 
