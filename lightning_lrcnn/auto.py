@@ -15,7 +15,6 @@ choosing leaves the module exactly as it was.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import memory as _memory
 from .convert import cached_plans, plan_for, restore, row_centric_config, to_row_centric
 from .errors import RowCentricError
 from .estimate import estimate, estimate_plain
-from .memory import MIB, measure, time_call
+from .memory import DEFAULT_BUDGET_FRACTION, MIB, check_budget, measure, resolve_budget, time_call
 
 __all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_plan", "resolve_budget",
            "check_budget", "candidates_for", "sum_outputs", "DEFAULT_CANDIDATES", "DEFAULT_BUDGET_FRACTION",
@@ -34,7 +34,6 @@ __all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET_FRACTION = 0.8
 # the estimate is within about 10% of measured peaks (tests/test_estimate.py): prune only beyond this margin
 ESTIMATE_MARGIN = 1.25
 
@@ -108,42 +107,6 @@ class Choice:
 
 class NoPlanFitsError(RowCentricError, ValueError):
     """No candidate fits the memory budget."""
-
-
-def resolve_budget(memory_budget: Any, device: torch.device) -> int:
-    """Budget in bytes: an int of bytes, a float fraction in (0, 1] of the device's memory, or None (default).
-
-    Raises:
-        ValueError: the budget is not a positive number (or a fraction above 1).
-    """
-    if memory_budget is None:
-        memory_budget = DEFAULT_BUDGET_FRACTION
-    check_budget(memory_budget)
-    if isinstance(memory_budget, float):
-        return int(memory_budget * _device_memory(device))
-    return int(memory_budget)
-
-
-def check_budget(memory_budget: Any) -> None:
-    """Raises ValueError unless ``memory_budget`` is bytes (int > 0) or a fraction (float in (0, 1])."""
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
-        raise ValueError(f"memory_budget must be bytes (int > 0), a fraction of device memory (0 < float <= 1) "
-                         f"or None, got {memory_budget!r}")
-    if not memory_budget > 0:
-        raise ValueError(f"memory_budget must be > 0 (bytes, or a fraction of device memory), got {memory_budget!r}")
-    if isinstance(memory_budget, float):
-        if memory_budget > 1:
-            raise ValueError(f"memory_budget as a float is a fraction of device memory in (0, 1], got {memory_budget}; "
-                             "pass an int for bytes")
-
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
 
 
 class _StateSnapshot:
@@ -330,7 +293,7 @@ def choose_plan(
     """
     device = torch.device(device)
     budget = resolve_budget(memory_budget, device)
-    memory = _device_memory(device)  # a candidate estimated above it is never run (a CPU would swap or be killed)
+    memory = _memory.device_memory(device)  # a candidate estimated above it never runs (a CPU would swap)
     convert_kwargs = dict(convert_kwargs or {})
     before = [row_centric_config(t) for t in targets]
     snapshot = _StateSnapshot([*targets, *state_modules])

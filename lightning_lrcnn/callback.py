@@ -15,10 +15,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .auto import Candidate, Choice, NoPlanFitsError, candidates_for, check_budget, choose_plan
+from .auto import Candidate, Choice, NoPlanFitsError, candidates_for, choose_plan
 from .convert import cached_plans, restore, to_row_centric
 from .estimate import estimate, estimate_plain
-from .memory import MIB
+from .memory import MIB, check_budget
 from .rules import BATCHNORM_POLICIES
 
 __all__ = ["RowCentricTraining"]

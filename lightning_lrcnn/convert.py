@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from .errors import PlanError
 from .estimate import breakdown, estimate, estimate_plain
 from .executor import run_plan
+from .memory import check_budget, resolve_budget
 from .noise import draw_gates_globally
 from .norms import split_image_norms
 from .plan import Plan, describe
@@ -117,8 +118,6 @@ def to_row_centric(
         warnings.warn("batchnorm='per_band' normalises each band with its own statistics: this approximates "
                       "train-mode BatchNorm and does not match the plain model", UserWarning, stacklevel=2)
     if memory_budget is not None:
-        from .auto import check_budget
-
         check_budget(memory_budget)
     config = RowCentricConfig(mode, rows, batchnorm, tuple(leaf_modules), tuple(autowrap_functions), memory_budget)
     if row_centric_config(module) == config:
@@ -215,8 +214,6 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
                 state.traces[modes] = graphs
         goal = None
         if cfg.memory_budget is not None:
-            from .auto import resolve_budget
-
             goal = resolve_budget(cfg.memory_budget, inputs[0].device)
         plans = []
         for gm in graphs:  # as traced and, with GroupNorm / InstanceNorm, split: the lower estimated peak

@@ -3,11 +3,13 @@
 The CPU tracker is a ``TorchDispatchMode`` that adds a storage's bytes when an op first returns it and
 subtracts them when the storage is freed (weakref finalizer), so its figures are deterministic, unlike RSS.
 Only storages created while it is active count: parameters and inputs made before are the baseline.
+A ``memory_budget`` (bytes, or a fraction of the device's memory) is checked and resolved here too.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 import weakref
@@ -20,9 +22,11 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["LiveTensorTracker", "Measurement", "measure", "MIB"]
+__all__ = ["LiveTensorTracker", "Measurement", "measure", "MIB", "DEFAULT_BUDGET_FRACTION", "check_budget",
+           "resolve_budget", "device_memory"]
 
 MIB = 2**20
+DEFAULT_BUDGET_FRACTION = 0.8  # of the device's memory, where memory_budget is None
 
 
 class LiveTensorTracker(TorchDispatchMode):
@@ -134,3 +138,40 @@ def time_call(fn: Callable[[], Any], device: torch.device | str = "cpu", repeats
 
 
 __all__ += ["time_call"]
+
+
+def resolve_budget(memory_budget: Any, device: torch.device) -> int:
+    """Budget in bytes: an int of bytes, a float fraction in (0, 1] of the device's memory, or None (default).
+
+    Raises:
+        ValueError: the budget is not a positive number (or a fraction above 1).
+    """
+    if memory_budget is None:
+        memory_budget = DEFAULT_BUDGET_FRACTION
+    check_budget(memory_budget)
+    if isinstance(memory_budget, float):
+        return int(memory_budget * device_memory(device))
+    return int(memory_budget)
+
+
+def check_budget(memory_budget: Any) -> None:
+    """Raises ValueError unless ``memory_budget`` is bytes (int > 0) or a fraction (float in (0, 1])."""
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+        raise ValueError(f"memory_budget must be bytes (int > 0), a fraction of device memory (0 < float <= 1) "
+                         f"or None, got {memory_budget!r}")
+    if not memory_budget > 0:
+        raise ValueError(f"memory_budget must be > 0 (bytes, or a fraction of device memory), got {memory_budget!r}")
+    if isinstance(memory_budget, float):
+        if memory_budget > 1:
+            raise ValueError(f"memory_budget as a float is a fraction of device memory in (0, 1], got {memory_budget}; "
+                             "pass an int for bytes")
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of a CUDA device; on CPU the physical memory free now (8 GiB where that is unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30

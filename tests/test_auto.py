@@ -65,7 +65,7 @@ def test_bad_budgets(budget: object) -> None:
 
 def test_budget_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     # free memory on CPU moves between calls; fix it so fractions are compared against the same total
-    monkeypatch.setattr("lightning_lrcnn.auto._device_memory", lambda device: 1000 * 2**20)
+    monkeypatch.setattr("lightning_lrcnn.memory.device_memory", lambda device: 1000 * 2**20)
     assert resolve_budget(123, torch.device("cpu")) == 123
     assert resolve_budget(0.5, torch.device("cpu")) == 500 * 2**20
     assert resolve_budget(None, torch.device("cpu")) == int(DEFAULT_BUDGET_FRACTION * 1000 * 2**20)
@@ -109,7 +109,7 @@ def test_on_a_gpu_each_mode_stops_at_the_fewest_bands_that_fit(monkeypatch: pyte
         return CandidateResult(candidate, peak, seconds, peak <= 150)
 
     monkeypatch.setattr("lightning_lrcnn.auto._measure", fake)
-    monkeypatch.setattr("lightning_lrcnn.auto._device_memory", lambda device: 2**40)
+    monkeypatch.setattr("lightning_lrcnn.memory.device_memory", lambda device: 2**40)
     model = _net()
     cands = candidates_for("auto", "auto")
     choice = choose_plan([model], _step(model, torch.randn(1, 3, 32, 32)), memory_budget=150, candidates=cands,
