@@ -564,17 +564,24 @@ def _spend_goal(plan: Plan, goal: int, band_bytes: int) -> None:
     def asked(s: Segment) -> int:
         return band_count(band_bytes, sum(_full_bytes(v) for v in s.nodes), _output_rows(s))
 
-    fewer = True
-    while fewer:
-        fewer = False
-        for s in sorted((s for s in plan.segments if s.recompute and len(s.bands) > asked(s)),
-                        key=lambda s: -len(s.bands)):
-            before = s.bands, s.overlap
-            _band(s, max(asked(s), len(s.bands) - max(1, len(s.bands) // 4)))
-            if peak_bytes(plan) <= goal:
-                fewer = True
-            else:
-                s.bands, s.overlap = before
+    # fewer bands of one segment only raise the others' peaks: a segment refused once is never tried again
+    open_ = [s for s in plan.segments if s.recompute and len(s.bands) > asked(s)]
+    while open_:
+        s = max(open_, key=lambda s: len(s.bands))
+        if _fewer_bands(plan, s, asked(s), goal) is None or len(s.bands) <= asked(s):
+            open_.remove(s)
+
+
+def _fewer_bands(plan: Plan, s: Segment, floor: int, limit: float) -> int | None:
+    """Give ``s`` 25% fewer bands (not below ``floor``) where the plan's estimated peak stays at or under
+    ``limit``; returns that peak, or None (``s`` unchanged)."""
+    before = s.bands, s.overlap
+    _band(s, max(floor, len(s.bands) - max(1, len(s.bands) // 4)))
+    trial = peak_bytes(plan)
+    if trial <= limit:
+        return trial
+    s.bands, s.overlap = before
+    return None
 
 
 def _keep_where_peak_holds(plan: Plan, goal: int = 0) -> None:
@@ -647,11 +654,8 @@ def _fewer_boundary_rows(plan: Plan) -> None:
     peak = peak_bytes(plan)
     for s in plan.segments:
         while s.mode == "2ps" and s.recompute and len(s.bands) > 1:
-            before = s.bands, s.overlap
-            _band(s, len(s.bands) - max(1, len(s.bands) // 4))
-            trial = peak_bytes(plan)
-            if trial > (1 - _MIN_GAIN) * peak:
-                s.bands, s.overlap = before
+            trial = _fewer_bands(plan, s, 1, (1 - _MIN_GAIN) * peak)
+            if trial is None:
                 break
             peak = trial
 
