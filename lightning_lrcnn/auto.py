@@ -302,8 +302,12 @@ def choose_plan(
     try:
         inputs = _capture_inputs(targets, step)
         snapshot.restore()
+        measured: dict[Candidate, CandidateResult] = {}
         for kwargs in ([{**convert_kwargs, "memory_budget": goal}] if spend_budget else []) + [convert_kwargs]:
-            results = _measure_all(unique, targets, step, inputs, budget, memory, device, snapshot, batchnorm, kwargs)
+            again = [c for c in unique if c.mode != "column" or c not in measured]  # the plain model has no plan
+            measured.update(zip(again, _measure_all(again, targets, step, inputs, budget, memory, device, snapshot,
+                                                    batchnorm, kwargs), strict=True))
+            results = [measured[c] for c in unique]
             if any(r.fits for r in results):
                 break
             if kwargs is not convert_kwargs:

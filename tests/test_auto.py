@@ -151,6 +151,12 @@ def test_plans_spend_the_budget_and_fall_back_to_their_smallest_peaks(monkeypatc
 
     real = auto.measure
     spending: list[bool] = []
+    columns: list[Candidate] = []
+    real_measure_one = auto._measure
+
+    def counting(candidate, *args):  # type: ignore[no-untyped-def]
+        columns.extend([candidate] if candidate.mode == "column" else [])
+        return real_measure_one(candidate, *args)
 
     def over_when_spending(fn, device):  # type: ignore[no-untyped-def]
         got = real(fn, device)
@@ -159,9 +165,11 @@ def test_plans_spend_the_budget_and_fall_back_to_their_smallest_peaks(monkeypatc
         return dataclasses.replace(got, peak_bytes=budget + 1) if spending[-1] else got
 
     monkeypatch.setattr(auto, "measure", over_when_spending)
+    monkeypatch.setattr(auto, "_measure", counting)
     model = _net().eval()
     choice = choose_plan([model], _step(model, x), memory_budget=budget, candidates=cands)
     assert any(spending) and not spending[-1]  # measured spending first, then at the smallest peaks
+    assert columns == [Candidate("column")]  # the plain model plans nothing: tried once
     assert choice.plan_budget is None and row_centric_config(model).memory_budget is None
     best = choice.result(choice.best)
     assert best is not None and best.fits and best.peak_bytes <= budget
