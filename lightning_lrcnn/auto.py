@@ -34,6 +34,7 @@ __all__ = ["Candidate", "CandidateResult", "Choice", "NoPlanFitsError", "choose_
 
 log = logging.getLogger(__name__)
 
+NO_BUDGET = 2**62  # a memory_budget that filters nothing (a fixed plan is measured, not chosen)
 # the estimate is within about 10% of measured peaks (tests/test_estimate.py): prune only beyond this margin
 ESTIMATE_MARGIN = 1.25
 
@@ -100,7 +101,8 @@ class Choice:
 
     def report(self) -> str:
         spent = "" if self.plan_budget is None else f" (plans spend up to {self.plan_budget / MIB:.1f} MiB per target)"
-        lines = [f"budget {self.budget_bytes / MIB:.1f} MiB; chosen {self.best}{spent}"]
+        budget = "no budget" if self.budget_bytes >= NO_BUDGET else f"budget {self.budget_bytes / MIB:.1f} MiB"
+        lines = [f"{budget}; chosen {self.best}{spent}"]
         lines += [r.row() for r in self.results]
         return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .auto import Candidate, Choice, NoPlanFitsError, candidates_for, choose_plan
+from .auto import NO_BUDGET, Candidate, Choice, NoPlanFitsError, candidates_for, choose_plan
 from .convert import cached_plans, restore, to_row_centric
 from .estimate import estimate, estimate_plain
 from .memory import MIB, check_budget
@@ -198,7 +198,7 @@ class RowCentricTraining(Callback):
                         "to measure candidates; with manual optimization pass mode and rows explicitly")
                 loss.backward()
 
-        budget = self.memory_budget if fixed is None else 2**62  # a fixed choice is measured, not filtered
+        budget = self.memory_budget if fixed is None else NO_BUDGET  # a fixed choice is measured, not filtered
         try:
             choice = choose_plan(self._modules, step, memory_budget=budget, candidates=candidates,
                                  batchnorm=self.batchnorm, device=device, state_modules=[pl_module],

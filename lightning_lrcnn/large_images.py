@@ -252,6 +252,7 @@ class LargeImageDataModule(pl.LightningDataModule):
         if num_classes is not None and num_classes != len(classes):
             raise ValueError(f"data.num_classes={num_classes} but {path!r} has {len(classes)} class(es): {classes}")
         self.num_classes, self.classes, self.image_size = len(classes), classes, crop
+        self.dtype = torch.uint8  # of the batches' images: the network must normalise them (InputNormalize)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set = LargeImageCrops(images, crop, train_size, seed)
         self.val_set = LargeImageCrops(images, crop, val_size, seed + 1)

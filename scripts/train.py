@@ -16,8 +16,10 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from lightning_lrcnn import RowCentricError, RowCentricTraining
 from lightning_lrcnn.large_images import LargeImageError
@@ -30,8 +32,28 @@ class ImageSizeError(ValueError):
     """The image size is too small for the network."""
 
 
-def check_image_size(net: torch.nn.Module, image_size: int, model_name: str) -> None:
-    """Run the network on a shape-only (fake) batch so a too-small image fails here, in one line."""
+class InputDtypeError(ValueError):
+    """The data's images are of a dtype the network cannot take."""
+
+
+def check_image_size(net: torch.nn.Module, image_size: int, model_name: str,
+                     dtype: torch.dtype = torch.float32) -> None:
+    """Run the network on a shape-only (fake) batch so a too-small image, or uint8 images for a network that
+    expects floats, fail here, in one line."""
+    first = _fake_run(net, image_size, dtype)
+    if first is None:
+        return
+    if dtype != torch.float32 and _fake_run(net, image_size, torch.float32) is None:
+        raise InputDtypeError(
+            f"the data yields {dtype} images but model={model_name} takes floats ({first}). Use a model that "
+            "normalises inside the network, e.g. model=resnet50_uint8, or wrap yours with "
+            "lightning_lrcnn.models.uint8_input(net).")
+    raise ImageSizeError(f"data.image_size={image_size} does not fit model={model_name}: {first}. "
+                         "Use a larger data.image_size (for the U-Net, a multiple of 2**depth).")
+
+
+def _fake_run(net: torch.nn.Module, image_size: int, dtype: torch.dtype) -> str | None:
+    """The first line of the error ``net`` raises on a fake batch of one image, or None."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lightning_lrcnn.trace import quiet_fake_tensor_logs
@@ -40,13 +62,23 @@ def check_image_size(net: torch.nn.Module, image_size: int, model_name: str) -> 
     net.eval()
     try:
         with quiet_fake_tensor_logs(), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-            net(torch.empty(1, 3, image_size, image_size))
+            net(torch.empty(1, 3, image_size, image_size, dtype=dtype))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ImageSizeError(f"data.image_size={image_size} does not fit model={model_name}: {first}. "
-                             "Use a larger data.image_size (for the U-Net, a multiple of 2**depth).") from None
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     finally:
         net.train(training)
+    return None
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, raising a bad argument's own error (a one-line message) rather than
+    Hydra's wrapper of it."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, (FileNotFoundError, ValueError, MisconfigurationException, RowCentricError)):
+            raise exc.__cause__ from None
+        raise
 
 
 def summary_table(callback: RowCentricTraining | None, trainer: pl.Trainer) -> str:
@@ -77,12 +109,12 @@ def summary_table(callback: RowCentricTraining | None, trainer: pl.Trainer) -> s
 def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     model_name = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("model", "?")
-    datamodule = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.model)
-    check_image_size(module.net, int(datamodule.image_size), model_name)
-    callback = hydra.utils.instantiate(cfg.lrcnn)
-    logger = hydra.utils.instantiate(cfg.logger)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[callback], logger=logger)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model)
+    check_image_size(module.net, int(datamodule.image_size), model_name, getattr(datamodule, "dtype", torch.float32))
+    callback = instantiate(cfg.lrcnn)
+    logger = instantiate(cfg.logger)
+    trainer = instantiate(cfg.trainer, callbacks=[callback], logger=logger)
     trainer.fit(module, datamodule=datamodule)
     metrics = {**callback.metrics(), "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan")))}
     if cfg.summary and trainer.is_global_zero:
@@ -98,11 +130,12 @@ def main(cfg: DictConfig) -> float:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     try:
         metrics = train(cfg)
-    except (FileNotFoundError, ImageSizeError, LargeImageError, MisconfigurationException, RowCentricError,
-            ValueError) as exc:
+    except (FileNotFoundError, LargeImageError, MisconfigurationException, RowCentricError, ValueError,
+            MissingMandatoryValue) as exc:
         # one line; nothing the run wrote (config, logs, checkpoints in its folder) is removed
-        log.error("%s: %s", type(exc).__name__, exc)
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc).strip().splitlines()[0] if isinstance(exc, MissingMandatoryValue) else str(exc)
+        log.error("%s: %s", type(exc).__name__, message)
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     return metrics.get("val_acc", float("nan"))
 

@@ -114,6 +114,23 @@ def test_large_images_bad_input_is_one_clear_line(make, message: str, tmp_path: 
     assert "Traceback" not in proc.stderr
 
 
+def test_uint8_images_into_a_float_network_is_one_clear_line(tmp_path: Path) -> None:
+    import numpy as np
+
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        np.save(tmp_path / "data" / name / "x.npy", np.zeros((80, 80, 3), np.uint8))
+    proc = _run(["data=large_images", f"data.path={tmp_path / 'data'}", "data.num_classes=2", "data.crop=64",
+                 f"hydra.run.dir={tmp_path / 'bad'}", "trainer.max_steps=1"], tmp_path)  # model: small_vgg (floats)
+    assert proc.returncode != 0
+    assert "error: the data yields torch.uint8 images but model=small_vgg takes floats" in proc.stderr, proc.stderr
+    assert "model=resnet50_uint8" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run(["data=large_images", f"data.path={tmp_path / 'data'}", "data.crop=64",
+                 f"hydra.run.dir={tmp_path / 'bad'}", "trainer.max_steps=1"], tmp_path)  # num_classes is required
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "error: Missing mandatory value: data.num_classes", proc.stderr
+
+
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([*TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)

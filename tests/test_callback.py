@@ -143,6 +143,7 @@ def test_no_logger_still_works_and_says_so(tmp_path) -> None:
     with pytest.warns(UserWarning, match="no logger"):
         _fit(tmp_path, Classifier(), [cb], max_steps=1)
     assert cb.metrics()["lrcnn/rows"] == 2
+    assert cb.choice is not None and cb.choice.report().startswith("no budget; chosen 2ps:2")  # fixed: measured
 
 
 @pytest.mark.parametrize(("mode", "budget", "size"), [
