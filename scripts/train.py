@@ -36,7 +36,7 @@ class InputDtypeError(ValueError):
     """The data's images are of a dtype the network cannot take."""
 
 
-def check_image_size(net: torch.nn.Module, image_size: int, model_name: str,
+def check_input(net: torch.nn.Module, image_size: int, model_name: str,
                      dtype: torch.dtype = torch.float32) -> None:
     """Run the network on a shape-only (fake) batch so a too-small image, or uint8 images for a network that
     expects floats, fail here, in one line."""
@@ -111,7 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_name = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("model", "?")
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
-    check_image_size(module.net, int(datamodule.image_size), model_name, getattr(datamodule, "dtype", torch.float32))
+    check_input(module.net, int(datamodule.image_size), model_name, getattr(datamodule, "dtype", torch.float32))
     callback = instantiate(cfg.lrcnn)
     logger = instantiate(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=[callback], logger=logger)
