@@ -102,7 +102,9 @@ class Choice:
     def report(self) -> str:
         spent = "" if self.plan_budget is None else f" (plans spend up to {self.plan_budget / MIB:.1f} MiB per target)"
         budget = "no budget" if self.budget_bytes >= NO_BUDGET else f"budget {self.budget_bytes / MIB:.1f} MiB"
-        lines = [f"{budget}; chosen {self.best}{spent}"]
+        best = self.result(self.best)
+        plain = " (runs as usual)" if best is not None and best.ran_plain else ""
+        lines = [f"{budget}; chosen {self.best}{plain}{spent}"]
         lines += [r.row() for r in self.results]
         return "\n".join(lines)
 
