@@ -147,7 +147,7 @@ def test_no_logger_still_works_and_says_so(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("mode", "budget", "size"), [
-    ("auto", None, 32),  # plans spend most of the machine: they run as usual
+    pytest.param("auto", None, 32, marks=pytest.mark.slow),  # plans spend most of the machine: run as usual
     ("overl", 62 * 2**20, 128),  # a budget under the plain estimate (64.6 MiB): bands run, planned to spend it
 ])
 def test_probe_leaves_run_bit_identical(tmp_path, mode: str, budget: int | None, size: int) -> None:

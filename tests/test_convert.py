@@ -378,6 +378,7 @@ def test_segments_that_fit_under_the_peak_run_once(monkeypatch: pytest.MonkeyPat
     assert peaks[True] <= 1.01 * peaks[False], peaks
 
 
+@pytest.mark.slow  # 20 s; kept segments train exactly in test_a_memory_budget_is_spent_on_time too
 def test_segments_kept_by_the_peak_pass_train_exactly() -> None:
     """The same network, size and plan trains as the plain model does (float64, bands asserted)."""
     torch.manual_seed(0)

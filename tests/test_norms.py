@@ -570,8 +570,10 @@ def test_gradient_cuts_kept_and_reused_inputs_on_real_networks(net: str, mode: s
                       prepare=lambda m, x: _cut_every_prefix(m, x, keep=True, reuse=True))
 
 
-@pytest.mark.parametrize("statistics", ["streamed", "materialised"])
-@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize(("mode", "statistics"), [
+    ("2ps", "streamed"), ("overl", "streamed"), ("overl", "materialised"),
+    pytest.param("2ps", "materialised", marks=pytest.mark.slow),
+])
 def test_recomputed_tails_match_plain_training(mode: str, statistics: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bottleneck's output that the plan without recomputed tails materialises is recomputed by the steps that
     read it, and training stays exact in float64. Streamed statistics: from its last convolution's input and the
