@@ -201,7 +201,7 @@ def _estimate(targets: Sequence[nn.Module], inputs: list[tuple[tuple, dict]], ca
     """Summed analytic peak of the targets under ``candidate`` (the plain model's for "column")."""
     try:
         total = 0
-        for t, (args, kwargs) in zip(targets, inputs):
+        for t, (args, kwargs) in zip(targets, inputs, strict=True):
             mode = "2ps" if candidate.mode == "column" else candidate.mode
             to_row_centric(t, mode=mode, rows=candidate.rows, batchnorm=batchnorm, **convert_kwargs)
             plan = plan_for(t, *args, **kwargs)
@@ -321,7 +321,7 @@ def choose_plan(
         snapshot.restore()
     fitting = [r for r in results if r.fits]
     if not fitting:
-        for t, cfg in zip(targets, before):  # leave the targets as they came
+        for t, cfg in zip(targets, before, strict=True):  # leave the targets as they came
             if cfg is None:
                 restore(t)
             else:

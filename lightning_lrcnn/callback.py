@@ -205,7 +205,8 @@ class RowCentricTraining(Callback):
                                  convert_kwargs={"leaf_modules": self.leaf_modules},
                                  spend_budget=fixed is None)
         except NoPlanFitsError as exc:
-            raise MisconfigurationException(f"RowCentricTraining(memory_budget={self.memory_budget!r}): {exc}") from None
+            raise MisconfigurationException(
+                f"RowCentricTraining(memory_budget={self.memory_budget!r}): {exc}") from None
         best = choice.best
         if fixed is None:
             self._plan_budget = choice.plan_budget
@@ -245,7 +246,7 @@ class RowCentricTraining(Callback):
         try:
             yield
         finally:
-            for name, value in zip(("log", "log_dict"), saved):
+            for name, value in zip(("log", "log_dict"), saved, strict=True):
                 if value is None:
                     pl_module.__dict__.pop(name, None)
                 else:
@@ -322,9 +323,9 @@ class RowCentricTraining(Callback):
 
 @contextlib.contextmanager
 def _no_sync(trainer: pl.Trainer) -> Iterator[None]:
-    model = trainer.strategy.model
-    if trainer.world_size > 1 and hasattr(model, "no_sync"):
-        with model.no_sync():
+    no_sync = getattr(trainer.strategy.model, "no_sync", None)
+    if trainer.world_size > 1 and no_sync is not None:
+        with no_sync():
             yield
     else:
         yield

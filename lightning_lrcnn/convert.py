@@ -119,7 +119,7 @@ def to_row_centric(
                       "train-mode BatchNorm and does not match the plain model", UserWarning, stacklevel=2)
     if memory_budget is not None:
         check_budget(memory_budget)
-    config = RowCentricConfig(mode, rows, batchnorm, tuple(leaf_modules), tuple(autowrap_functions), memory_budget)
+    config = RowCentricConfig(mode, int(rows), batchnorm, tuple(leaf_modules), tuple(autowrap_functions), memory_budget)
     if row_centric_config(module) == config:
         return module  # already converted this way: keep the traces and plans
     if is_row_centric(module):

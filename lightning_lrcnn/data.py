@@ -39,7 +39,8 @@ class SyntheticStripes(Dataset):
                                 indexing="ij")
         stripes = torch.sin(2 * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) / period + phase)
         h, w = (int(v) for v in torch.randint(s // 3, s + 1, (2,), generator=g))
-        top, left = int(torch.randint(0, s - h + 1, (1,), generator=g)), int(torch.randint(0, s - w + 1, (1,), generator=g))
+        top = int(torch.randint(0, s - h + 1, (1,), generator=g))
+        left = int(torch.randint(0, s - w + 1, (1,), generator=g))
         mask = torch.zeros(s, s, dtype=torch.long)
         mask[top : top + h, left : left + w] = 1
         image = stripes * mask + 0.5 * torch.randn(s, s, generator=g)
@@ -67,7 +68,7 @@ class SyntheticDataModule(pl.LightningDataModule):
 
 class _Folder(Dataset):
     def __init__(self, root: str, image_size: int) -> None:
-        from torchvision import datasets, transforms
+        from torchvision import datasets, transforms  # type: ignore[import-untyped]
 
         tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
         self.inner = datasets.ImageFolder(root, transform=tf)

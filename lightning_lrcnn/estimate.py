@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from torch import fx
+from torch import Tensor, fx
 
 from .plan import (
     Band,
@@ -93,7 +93,7 @@ def segment_peaks(plan: Plan) -> list[tuple[Segment | Streamed | fx.Node, int]]:
     """Per step (a recomputed segment, or a node of the plan run as usual): the highest estimated memory while
     it runs forward or backward. The largest is the step's peak."""
     steps, costs = _costs(plan)
-    return list(zip(steps, _step_peaks(costs)))
+    return list(zip(steps, _step_peaks(costs), strict=True))
 
 
 def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]:
@@ -137,7 +137,7 @@ def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_C
                 extra[i] += _bytes(step.prefix.outputs[0]) * (2 if step.reuse else 1)
                 kept[i] += _bytes(step.prefix.outputs[0]) if step.keep else 0
     return [replace(c, forward=c.forward + k, backward=c.backward + e) if e else c
-            for c, e, k in zip(costs, extra, kept)]
+            for c, e, k in zip(costs, extra, kept, strict=True)]
 
 
 def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost]) -> list[_Cost]:
@@ -154,7 +154,7 @@ def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: 
     for u, (first, last) in span.items():
         for i in range(first, last + 1):
             extra[i] += _bytes(u)
-    return [replace(c, backward=c.backward + e) if e else c for c, e in zip(costs, extra)]
+    return [replace(c, backward=c.backward + e) if e else c for c, e in zip(costs, extra, strict=True)]
 
 
 def _row_inputs(segment: Segment) -> set[fx.Node]:
@@ -163,7 +163,7 @@ def _row_inputs(segment: Segment) -> set[fx.Node]:
 
 def breakdown(plan: Plan) -> Breakdown:
     """The estimated peak of ``plan`` split into its parts (see :class:`Breakdown`)."""
-    steps = [(s.name, c) for s, c in zip(*_costs(plan))]
+    steps = [(s.name, c) for s, c in zip(*_costs(plan), strict=True)]
     best = Breakdown(0, "forward", "-", 0, 0, 0, 0, 0)
     held = 0
     for name, c in steps:
@@ -211,7 +211,7 @@ def _peak(costs: Sequence[_Cost]) -> int:
 
 def _bytes(node: fx.Node) -> int:
     val = node.meta.get("val")
-    return int(val.numel() * val.element_size()) if hasattr(val, "numel") else 0
+    return int(val.numel() * val.element_size()) if isinstance(val, Tensor) else 0
 
 
 def _saved(node: fx.Node) -> tuple[int, int]:

@@ -253,7 +253,7 @@ class _BandRunner:
         # per node: pieces (tensor, rows it holds), oldest first: the incoming boundary rows, then new rows;
         # the segment's outside row inputs: the rows this band reads
         held: dict[fx.Node, list[tuple[Tensor, RowInterval]]] = {}
-        for (node, rows), t in zip([*band.carry_in, *band.inputs], tensors):
+        for (node, rows), t in zip([*band.carry_in, *band.inputs], tensors, strict=True):
             held[node] = [(t, rows)]
 
         def value(v: fx.Node, want: RowInterval | None) -> Any:
@@ -357,7 +357,7 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
     pieces: dict[fx.Node, list[Tensor]] = {o: [] for o in segment.outputs}
     carries: tuple[Tensor, ...] = ()
     grad = torch.is_grad_enabled()
-    for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside, anchors))):
+    for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside, anchors), strict=True)):
         runner = _BandRunner(segment, band, outside, static, root, (progress, index, i))
         runner.cuts = cuts
         if grad and segment.recompute:
@@ -365,7 +365,7 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
         else:
             result = runner(*carries, *inputs)
         n_out = len(band.outputs)
-        for (node, _), t in zip(band.outputs, result[:n_out]):
+        for (node, _), t in zip(band.outputs, result[:n_out], strict=True):
             pieces[node].append(t)
         carries = tuple(result[n_out:])
     cuts.kept.clear()  # the runners outlive forward (checkpoint recomputes with them): they must not keep it
@@ -508,7 +508,7 @@ class _PrefixRun:
                 got = iter(torch.autograd.grad(x, [*needs, *tokens], g, allow_unused=True))
                 grads = [next(got) if t.requires_grad else None for t in wanted]
                 row_grads, rest = grads[: len(rows)], grads[len(rows):]
-                for (v, r), g in zip(band.inputs, row_grads):
+                for (v, r), g in zip(band.inputs, row_grads, strict=True):
                     if g is not None and v in self.sums:
                         self.sums[v][1].add(r, g)  # type: ignore[union-attr]
                 for k, g in enumerate(rest):
@@ -609,7 +609,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     """Execute ``plan`` on ``inputs`` (one value per placeholder) with ``root``'s parameters and submodules."""
     env: dict[fx.Node, Any] = {}
     placeholders = [n for n in plan.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, inputs):
+    for node, value in zip(placeholders, inputs, strict=True):
         env[node] = value
     for node in plan.graph.nodes:
         if node.op == "get_attr":
@@ -626,7 +626,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     for i, step in enumerate(plan.steps):
         if isinstance(step, Streamed) and step.keep:
             kept_until.setdefault(last_reader.get(id(step), i), []).append(step.prefix.outputs[0])
-    for i, (step, frees) in enumerate(zip(plan.steps, plan.free_after)):
+    for i, (step, frees) in enumerate(zip(plan.steps, plan.free_after, strict=True)):
         if isinstance(step, Segment):
             _run_segment(step, env, plan.static, root, progress, index[id(step)], anchors,
                          _cuts(step, plan_cuts, made))

@@ -77,7 +77,7 @@ def probe(path: str, label: int = 0) -> LargeImage:
                 if page.samplesperpixel > 1 and page.planarconfig != 1:
                     raise _fail(path, "planar (separate) channels are not supported; store RGB interleaved")
         elif suffix == ".png":
-            import png
+            import png  # type: ignore[import-untyped]
 
             reader = png.Reader(filename=path)
             reader.preamble()
@@ -161,7 +161,7 @@ def _tiff_crop(path: str, top: int, left: int, size: int) -> np.ndarray:
 
 
 def _png_crop(path: str, top: int, left: int, size: int) -> np.ndarray:
-    import png
+    import png  # type: ignore[import-untyped]
 
     reader = png.Reader(filename=path)
     width, _, rows, info = reader.read()  # rows are decoded lazily, one at a time

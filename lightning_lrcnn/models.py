@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torchvision
+import torchvision  # type: ignore[import-untyped]
 from torch import nn
 
 __all__ = ["vgg16_classifier", "small_vgg", "UNet", "InputNormalize", "uint8_input"]
@@ -53,7 +53,8 @@ class UNet(nn.Module):
         self.down = nn.ModuleList([_block(in_channels, chans[0])] + [_block(chans[i], chans[i + 1])
                                                                      for i in range(depth)])
         self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList([nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2)
+                                 for i in reversed(range(depth))])
         self.merge = nn.ModuleList([_block(2 * chans[i], chans[i]) for i in reversed(range(depth))])
         self.head = nn.Conv2d(chans[0], num_classes, 1)
 
@@ -63,7 +64,7 @@ class UNet(nn.Module):
             x = block(x if i == 0 else self.pool(x))
             skips.append(x)
         skips.pop()
-        for up, merge in zip(self.up, self.merge):
+        for up, merge in zip(self.up, self.merge, strict=True):
             x = merge(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)
 

@@ -50,7 +50,8 @@ def draw_gates_globally(gm: fx.GraphModule) -> None:
                 meta = {k: node.kwargs.get(k) or graph.call_function(getattr, (x, k)) for k in ("dtype", "device")}
                 new = graph.call_function(_NEW[str(node.target)], tuple(node.args[1:]), meta)  # type: ignore[arg-type]
         elif _is_torchvision_stochastic_depth(node):
-            b: dict[str, Any] = dict(zip(("input", "p", "mode", "training"), node.args)) | dict(node.kwargs)
+            names = ("input", "p", "mode", "training")
+            b: dict[str, Any] = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
             x, p = b["input"], b.get("p")
             if b.get("training", True) is not True or not isinstance(p, float) or p == 0.0:
                 continue

@@ -216,7 +216,7 @@ def _image_norm(node: fx.Node, root: nn.Module) -> tuple[Any, int, float, Any, A
         return (node.args[0], groups, m.eps, f"{name}.weight" if m.weight is not None else None,
                 f"{name}.bias" if m.bias is not None else None)
     if node.op == "call_function" and node.target is F.group_norm:
-        bound = dict(zip(("input", "num_groups", "weight", "bias", "eps"), node.args)) | dict(node.kwargs)
+        bound = dict(zip(("input", "num_groups", "weight", "bias", "eps"), node.args, strict=False)) | dict(node.kwargs)
         return (bound["input"], bound["num_groups"], bound.get("eps", 1e-5), bound.get("weight"),
                 bound.get("bias"))
     return None
@@ -245,7 +245,7 @@ def _batch_norm(node: fx.Node, root: nn.Module, batchnorm: str) -> tuple[Any, tu
         return (node.args[0], (*buffers, m.momentum, m.eps), f"{name}.weight" if m.weight is not None else None,
                 f"{name}.bias" if m.bias is not None else None)
     if node.op == "call_function" and node.target is F.batch_norm:
-        b = dict(zip(_BN_ARGS, node.args)) | dict(node.kwargs)
+        b = dict(zip(_BN_ARGS, node.args, strict=False)) | dict(node.kwargs)
         if b.get("training", False) is not True or (batchnorm != "exact" and b.get("running_mean") is not None):
             return None
         return (b["input"], (b.get("running_mean"), b.get("running_var"), None, b.get("momentum", 0.1),

@@ -133,7 +133,7 @@ def _sink_row_local_nodes(graph: fx.Graph, rules: dict[fx.Node, NodeRule]) -> No
         at = {v: i for i, v in enumerate(order)}
         users = [at[u] for u in node.users if u in at]
         order.insert(min(users) if node in rules and users else 0, node)
-    for before, node in zip(order, order[1:]):
+    for before, node in zip(order, order[1:], strict=False):
         if before.next is not node:
             before.append(node)
 

@@ -155,7 +155,7 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def _bind(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    bound = dict(zip(names, args))
+    bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     return bound
 
@@ -312,7 +312,8 @@ def _resample_rule(in_value: Tensor, out_value: Tensor, size: Any, scale_factor:
     extra: dict[str, Any] = {"align_corners": align_corners} if linear else {}
     if scale_factor is not None:
         sf_h, sf_w = (scale_factor, scale_factor) if not isinstance(scale_factor, (list, tuple)) else scale_factor
-        vertical: dict[str, Any] = {"scale_factor": (float(sf_h), 1.0), "recompute_scale_factor": recompute_scale_factor}
+        vertical: dict[str, Any] = {"scale_factor": (float(sf_h), 1.0),
+                                    "recompute_scale_factor": recompute_scale_factor}
     else:
         vertical = {"size": (out_height, 1)}
     # NOTE: probe PyTorch's own row mapping on a ramp so the band reads exactly the rows the full op reads.

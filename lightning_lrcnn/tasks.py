@@ -38,7 +38,7 @@ class _ImageTask(pl.LightningModule):
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
 
 
 class ImageClassifier(_ImageTask):

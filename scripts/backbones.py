@@ -199,7 +199,7 @@ def measure_network(key: str, size: int, methods: list[str], repeats: int) -> li
             rec["grad_error_fp64"] = _grad_error(exact, grads)
         if "plain" in models:
             rec["peak_ratio"] = rec["peak_bytes"] / records["plain"]["peak_bytes"]
-            rec["time_ratio"] = statistics.median(t / p for t, p in zip(times[method], times["plain"]))
+            rec["time_ratio"] = statistics.median(t / p for t, p in zip(times[method], times["plain"], strict=True))
             rec["time_ratio_best"] = min(times[method]) / min(times["plain"])  # the fastest step of each
     for rec in records.values():
         print(json.dumps(rec), flush=True)
@@ -233,10 +233,11 @@ def render(records: list[dict[str, Any]]) -> None:
              f"One training step (`y.pow(2).mean()` loss, batch 1, fp32) per network and method, measured by "
              f"`scripts/bench.py`'s sibling `scripts/backbones.py`, each network in its own process, on "
              f"{first['device_name']} (torch {first['torch']}"
-             + (f"; allocator: {first['allocator']}, see `RETAINED_HEAP` in the script" if first.get("allocator") else "")
+             + (f"; allocator: {first['allocator']}, see `RETAINED_HEAP` in the script"
+                if first.get("allocator") else "")
              + "). Peak: live tensor bytes of the step; each cell is "
-             "`peak / plain @ time / plain` against the plain model measured in the same process (each cell: the latest "
-             "run of that method; steps timed in rounds, "
+             "`peak / plain @ time / plain` against the plain model measured in the same process (each cell: the "
+             "latest run of that method; steps timed in rounds, "
              "every method once per round; the time ratio is the median over rounds of the step time over the plain "
              "step of the same round; in brackets, the fastest step over the plain model's fastest). `plain` means the "
              "plan was not estimated below the plain model, so the network ran as usual. BatchNorm: `frozen` = "
@@ -379,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.render:
         meta = {"device_name": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                "allocator": "glibc, freed memory kept (" + ", ".join(f"{k}={v}" for k, v in RETAINED_HEAP.items()) + ")",
+                "allocator": "glibc, freed memory kept ("
+                             + ", ".join(f"{k}={v}" for k, v in RETAINED_HEAP.items()) + ")",
                 "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="minutes")}
         DOCS.mkdir(exist_ok=True)
         for key in keys:

@@ -102,7 +102,7 @@ def _grads(model: nn.Module) -> list[torch.Tensor | None]:
 
 def _grad_error(ref: list[torch.Tensor | None], got: list[torch.Tensor | None]) -> float:
     worst = 0.0
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         if r is None or g is None:
             if r is not g:
                 return math.inf

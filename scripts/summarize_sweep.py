@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -48,8 +47,10 @@ def markdown(rows: list[dict[str, object]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['job']} | `{r['overrides']}` | {r.get('mode', '?')} | {_fmt(r.get('lrcnn/rows'), '.0f')} "
-                     f"| {_fmt(r.get('lrcnn/peak_memory_mib'), '.1f')} | {_fmt(r.get('lrcnn/baseline_peak_memory_mib'), '.1f')} "
-                     f"| {_fmt(r.get('lrcnn/memory_saved_pct'), '.1f')} | {_fmt(r.get('lrcnn/step_time_ratio'), '.2f')} "
+                     f"| {_fmt(r.get('lrcnn/peak_memory_mib'), '.1f')} "
+                     f"| {_fmt(r.get('lrcnn/baseline_peak_memory_mib'), '.1f')} "
+                     f"| {_fmt(r.get('lrcnn/memory_saved_pct'), '.1f')} "
+                     f"| {_fmt(r.get('lrcnn/step_time_ratio'), '.2f')} "
                      f"| {_fmt(r.get('val_acc'), '.3f')} |")
     return "\n".join(lines) + "\n"
 

@@ -44,15 +44,15 @@ def test_choice_leaves_state_untouched() -> None:
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     choose_plan([model], _step(model, x), memory_budget=2**40, candidates=candidates_for("auto", "auto"))
-    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
     assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
 
 
 def test_nothing_fits_is_a_clear_error_and_leaves_module_as_it_came() -> None:
     model = _net()
-    with pytest.raises(NoPlanFitsError, match=r"no candidate fits memory_budget=0.0 MiB: the smallest (estimated )?peak "
-                                              r"was .* MiB"):
+    with pytest.raises(NoPlanFitsError,
+                       match=r"no candidate fits memory_budget=0.0 MiB: the smallest (estimated )?peak was .* MiB"):
         choose_plan([model], _step(model, torch.randn(1, 3, 32, 32)), memory_budget=1)
     assert not is_row_centric(model)
 

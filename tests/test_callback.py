@@ -299,7 +299,7 @@ def test_mixed_precision_trains(tmp_path, precision: str, dtype: torch.dtype) ->
     assert {d for d, _ in convs} == {dtype}  # every real convolution ran in the autocast dtype...
     assert {rows for _, rows in convs} - {32, 16}  # ...band-sized ones included (full: 32 and 16 rows)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # it trained
     assert cb.metrics()["lrcnn/peak_memory_mib"] > 0
     assert all(r.estimate_bytes is None for r in cb.choice.results)  # no fp32 estimate prunes a mixed step
 

@@ -39,7 +39,7 @@ def test_ddp_two_processes_same_weights_as_plain_ddp(tmp_path, callback: RowCent
     plain = _ddp_fit(tmp_path, copy.deepcopy(start), [])
     converted = _ddp_fit(tmp_path, copy.deepcopy(start), [callback])
     moved = False
-    for (name, a), (_, b) in zip(plain.state_dict().items(), converted.state_dict().items()):
+    for (name, a), (_, b) in zip(plain.state_dict().items(), converted.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, msg=f"state {name}")
         moved = moved or not torch.equal(a, start.state_dict()[name])
     assert moved, "training did not change the weights: the comparison would prove nothing"

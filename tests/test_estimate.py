@@ -91,7 +91,7 @@ def test_a_segment_that_cannot_take_more_bands_is_cut() -> None:
         plan = plan_for(to_row_centric(torchvision.models.vgg16().features, mode="overl", rows=rows), x)
         assert all(s.overlap <= MAX_OVERLAP for s in plan.segments), [s.overlap for s in plan.segments]
         peaks.append(estimate(plan).peak_bytes)
-    assert all(b <= a for a, b in zip(peaks, peaks[1:])), [p / 2**20 for p in peaks]
+    assert all(b <= a for a, b in zip(peaks, peaks[1:], strict=False)), [p / 2**20 for p in peaks]
 
 
 def test_saved_tensor_sizes_follow_the_ops() -> None:

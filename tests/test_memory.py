@@ -7,12 +7,11 @@ import copy
 import pytest
 import torch
 import torchvision
+from conftest import RecordOps, assert_equivalent
 from torch import nn
 
 from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.memory import LiveTensorTracker, measure
-
-from conftest import RecordOps, assert_equivalent
 
 
 def test_tracker_counts_allocations_and_frees() -> None:

@@ -113,7 +113,7 @@ def test_regnet_squeeze_excitation_blocks_stream_and_merge() -> None:
                                   batchnorm="freeze", tallest=True)
     plan = plan_for(converted, torch.randn(shape, dtype=torch.float64))
     assert sum(isinstance(s, Streamed) for s in plan.steps) >= 4, describe(plan)
-    for before, step in zip(plan.steps, plan.steps[1:]):
+    for before, step in zip(plan.steps, plan.steps[1:], strict=False):
         if isinstance(step, Segment) and step.recompute and len(step.nodes) == 1 and isinstance(before, Segment):
             assert before.mode != step.mode or not set(step.nodes[0].all_input_nodes) & set(before.nodes), \
                 describe(plan)

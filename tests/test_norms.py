@@ -196,7 +196,7 @@ def test_train_batchnorm_split_matches_and_moves_buffers_like_plain(kind: str, m
     for _ in range(3):
         x = torch.randn(2, 3, 21, 13, dtype=torch.float64)
         torch.testing.assert_close(converted(x), plain(x))
-    for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers()):
+    for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers(), strict=True):
         torch.testing.assert_close(b, ref, msg=f"buffer {name}")
 
 
@@ -282,7 +282,7 @@ def test_streamed_statistics_match_plain_training(mode: str, momentum: float | N
     for _ in range(3):
         x = torch.randn(shape, dtype=torch.float64)
         torch.testing.assert_close(converted(x), plain(x))
-    for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers()):
+    for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers(), strict=True):
         torch.testing.assert_close(b, ref, msg=f"buffer {name}")
 
 
@@ -503,7 +503,7 @@ def test_gradient_cuts_match_plain_training(net: str, mode: str, keep: bool) -> 
     _cut_every_prefix(converted, x, keep=keep, reuse=keep)
     for _ in range(2):
         torch.testing.assert_close(converted(x), plain(x))
-    for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers()):
+    for (name, b), (_, ref) in zip(converted.named_buffers(), plain.named_buffers(), strict=True):
         torch.testing.assert_close(b, ref, msg=f"buffer {name}")
 
 
@@ -543,7 +543,7 @@ def test_gradient_cuts_and_kept_inputs_run_each_prefix_once_per_pass() -> None:
     assert work["reused"].forward < 0.9 * work["kept"].forward  # recomputation in backward (0.855)
     assert peaks["kept"] <= peaks["cut"] <= peaks["recomputed"] + 1024, peaks  # the cuts' tokens aside
     for how in ("cut", "kept", "reused"):
-        for a, b in zip(grads[how], grads["recomputed"]):
+        for a, b in zip(grads[how], grads["recomputed"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # the planner's choice (reused rows cost their bytes in backward: not everywhere)
     model = to_row_centric(copy.deepcopy(plain), mode="overl", rows=8)
