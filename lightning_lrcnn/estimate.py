@@ -240,7 +240,18 @@ def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: s
                   streamed: bool = False, frozen: frozenset[fx.Node] = frozenset()) -> _Cost:
     """A recomputed segment's cost; ``streamed``: the prefix of streamed statistics (its output is never
     materialised, only reduced band by band; its parameter gradients are counted where the prefix runs again);
-    ``frozen``: nodes it recomputes without autograd (they save nothing and pass no gradient)."""
+    ``frozen``: nodes it recomputes without autograd (they save nothing and pass no gradient). Remembered on the
+    segment for the same bands, nodes, outputs and arguments (the entry holds the bands, so their ids stay
+    theirs; the planner clears it when the plan is built)."""
+    key = (tuple(map(id, segment.bands)), tuple(segment.nodes), tuple(segment.outputs), id(param_grads),
+           frozenset(o for o in segment.outputs if o in captured), streamed, frozen)
+    if key not in segment.costs:
+        segment.costs[key] = (segment.bands, _new_segment_cost(segment, param_grads, captured, streamed, frozen))
+    return segment.costs[key][1]
+
+
+def _new_segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: set[fx.Node], streamed: bool,
+                      frozen: frozenset[fx.Node]) -> _Cost:
     outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs)
     held_outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
     held = held_outputs + sum(row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)

@@ -44,6 +44,7 @@ class Segment:
     bands: list[Band] = field(default_factory=list)
     overlap: float = 0.0  # fraction of activation bytes computed more than once (OverL halos)
     recompute: bool = True  # False: one full band kept for backward like the plain model (no recomputation)
+    costs: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # the estimate's, while planning
 
     @property
     def name(self) -> str:

@@ -7,6 +7,7 @@ Data flows trace -> plan -> execute. A plan (:mod:`lightning_lrcnn.plan`) is a l
 
 from __future__ import annotations
 
+import contextvars
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -177,12 +178,20 @@ class _SegmentGeometry:
         self.main = max(outputs, key=_height)
         heights = [_height(v) for u in nodes for v in rules[u].row_inputs if v not in inside]
         self.h_in = max(heights) if heights else 1  # the tallest segment input sets the input progress
+        # progress dicts (read only) and band weights by prefix: the planner bands a segment many times
+        self._memo: dict[tuple[str, int], dict[fx.Node, int]] = {}
+        self._weights: dict[tuple[str, int], int] = {}
 
     def needed(self, u: fx.Node, rows: RowInterval) -> RowInterval:
         return self.rules[u].rule.needed(rows)
 
     def prefixes(self, p_main: int) -> dict[fx.Node, int]:
         """Rows ``[0, P_v)`` each node must compute so the outputs have their first rows (output-driven)."""
+        if ("prefixes", p_main) not in self._memo:
+            self._memo["prefixes", p_main] = self._prefixes(p_main)
+        return self._memo["prefixes", p_main]
+
+    def _prefixes(self, p_main: int) -> dict[fx.Node, int]:
         h_main = _height(self.main)
         prefix: dict[fx.Node, int] = {}
         for v in reversed(self.nodes):
@@ -195,6 +204,11 @@ class _SegmentGeometry:
 
     def computable(self, p_in: int) -> dict[fx.Node, int]:
         """Rows ``[0, P_v)`` each node can compute once the segment inputs' first rows are known (input-driven)."""
+        if ("computable", p_in) not in self._memo:
+            self._memo["computable", p_in] = self._computable(p_in)
+        return self._memo["computable", p_in]
+
+    def _computable(self, p_in: int) -> dict[fx.Node, int]:
         prefix: dict[fx.Node, int] = {}
         for u in self.nodes:
             rule = self.rules[u]
@@ -220,7 +234,10 @@ class _SegmentGeometry:
         """Cut points of ``progress`` so every band holds about the same activation bytes (skew-balanced)."""
 
         def weight(p: int) -> int:
-            return sum(row_bytes(v) * pv for v, pv in progress(p).items())
+            key = (progress.__name__, p)
+            if key not in self._weights:
+                self._weights[key] = sum(row_bytes(v) * pv for v, pv in progress(p).items())
+            return self._weights[key]
 
         total = weight(height)
         cuts: list[int] = []
@@ -334,9 +351,25 @@ def _output_rows(segment: Segment) -> int:
     return max(_height(o) for o in segment.outputs)
 
 
+# The geometries of the segments that the build_plan call in progress has banded, by nodes and outputs (shapes
+# are fixed during a build): the planner bands the same segment many times (relief, tails, merges, spending).
+_GEOMETRIES: contextvars.ContextVar[dict[tuple, _SegmentGeometry] | None] = contextvars.ContextVar(
+    "lrcnn_geometries", default=None)
+
+
+def _geometry(segment: Segment) -> _SegmentGeometry:
+    cache = _GEOMETRIES.get()
+    key = (tuple(segment.nodes), tuple(segment.outputs))
+    if cache is None:
+        return _SegmentGeometry(segment.nodes, segment.rules, segment.outputs)
+    if key not in cache:
+        cache[key] = _SegmentGeometry(segment.nodes, segment.rules, segment.outputs)
+    return cache[key]
+
+
 def _band(segment: Segment, count: int) -> None:
     """Cut ``segment`` into ``count`` bands (fewer when its outputs have fewer rows)."""
-    geo = _SegmentGeometry(segment.nodes, segment.rules, segment.outputs)
+    geo = _geometry(segment)
     segment.bands = geo.two_phase(count) if segment.mode == "2ps" else geo.overlapped(count)
     segment.overlap = geo.overlap(segment.bands)
 
@@ -504,6 +537,21 @@ def build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, bat
     Raises:
         PlanError: a node cannot be planned; the message shows the node.
     """
+    token = _GEOMETRIES.set({})
+    try:
+        plan = _build_plan(gm, root, mode=mode, rows=rows, batchnorm=batchnorm, goal=goal)
+    finally:
+        _GEOMETRIES.reset(token)
+    for s in plan.segments:  # the estimate's memory of trial bands
+        s.costs.clear()
+    for t in plan.steps:
+        if isinstance(t, Streamed):
+            t.prefix.costs.clear()
+    return plan
+
+
+def _build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, batchnorm: str,
+                goal: int | None) -> Plan:
     graph = gm.graph
     make_writes_explicit(graph, root)
     _set_row_dims(graph)

@@ -450,3 +450,24 @@ def test_a_memory_budget_streams_fewer_batchnorm_statistics() -> None:
     assert streamed(spent) < streamed(floor) and estimate(spent).peak_bytes <= goal, describe(spent)
     assert_equivalent(lambda: copy.deepcopy(net), tuple(x.shape), mode="overl", rows=8, train=True,
                       memory_budget=goal)
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_what_planning_remembers_changes_no_plan(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner bands the same segments many times and estimates the same steps often: a segment's geometry
+    (``planner._geometry``) and a step's cost (``estimate._segment_cost``) are remembered while a plan is built.
+    Without that memory the plan is the same (train-mode BatchNorm: streamed statistics, tails, cuts)."""
+    from lightning_lrcnn import estimate as estimate_module
+    from lightning_lrcnn import planner
+
+    x = torch.randn(1, 3, 256, 192)
+    remembered = plan_for(to_row_centric(torchvision.models.resnet18().train(), mode=mode, rows=8), x)
+    monkeypatch.setattr(planner, "_geometry", lambda s: planner._SegmentGeometry(s.nodes, s.rules, s.outputs))
+    monkeypatch.setattr(estimate_module, "_segment_cost", lambda segment, *args, **kwargs:
+                        estimate_module._new_segment_cost(segment, *args, **{"streamed": False,
+                                                                              "frozen": frozenset(), **kwargs}))
+    fresh = plan_for(to_row_centric(torchvision.models.resnet18().train(), mode=mode, rows=8), x)
+    assert describe(fresh) == describe(remembered)
+    assert sum(len(s.bands) for s in fresh.segments) > len(fresh.segments)  # bands, not a plain plan
+    assert all(len(s.costs) <= 1 for s in remembered.segments)  # trial bands forgotten once built (the final
+    # estimate's entry is made again after)
