@@ -227,10 +227,17 @@ def _apply(targets: Sequence[nn.Module], candidate: Candidate, batchnorm: str, c
 
 def _measure(candidate: Candidate, targets: Sequence[nn.Module], step: Callable[[], Any],
              inputs: list[tuple[tuple, dict]] | None, budget: int, memory: int, device: torch.device,
-             snapshot: _StateSnapshot, batchnorm: str, convert_kwargs: dict[str, Any]) -> CandidateResult:
+             snapshot: _StateSnapshot, batchnorm: str, convert_kwargs: dict[str, Any],
+             plain: CandidateResult | None = None) -> CandidateResult:
     """One candidate: skipped when estimated far over the budget (or the device's memory), else its measured peak
-    and the median time of ``TIMED_STEPS`` steps (the state restored after each measurement)."""
+    and the median time of ``TIMED_STEPS`` steps (the state restored after each measurement). A candidate whose
+    plans all run as usual takes ``plain``'s figures (the plain model's, measured), where given."""
     est = None if inputs is None else _estimate(targets, inputs, candidate, batchnorm, convert_kwargs)
+    reasons = _plain_reasons(targets) if est is not None and candidate.mode != "column" else []
+    if plain is not None and plain.peak_bytes is not None and len(reasons) == len(targets) > 0:
+        return CandidateResult(candidate, plain.peak_bytes, plain.seconds, plain.fits,
+                               f"runs as usual: {'; '.join(sorted(set(reasons)))} (the plain model's figures)", est,
+                               ran_plain=True)
     if est is not None and est > min(ESTIMATE_MARGIN * budget, memory):
         why = "estimate over budget" if est > ESTIMATE_MARGIN * budget else "estimate above the device's memory"
         return CandidateResult(candidate, None, None, False, f"skipped: {why}", est)
@@ -253,9 +260,10 @@ def _measure(candidate: Candidate, targets: Sequence[nn.Module], step: Callable[
 
 def _measure_all(candidates: Sequence[Candidate], targets: Sequence[nn.Module], step: Callable[[], Any],
                  inputs: list[tuple[tuple, dict]] | None, budget: int, memory: int, device: torch.device,
-                 snapshot: _StateSnapshot, batchnorm: str, convert_kwargs: dict[str, Any]) -> list[CandidateResult]:
+                 snapshot: _StateSnapshot, batchnorm: str, convert_kwargs: dict[str, Any],
+                 plain: CandidateResult | None = None) -> list[CandidateResult]:
     """Every candidate's result, in the order given (measured: the plain model first, then by mode and bands; on
-    CUDA each mode stops at the fewest bands that fit)."""
+    CUDA each mode stops at the fewest bands that fit). ``plain``: the plain model's result, if measured before."""
     by_candidate: dict[Candidate, CandidateResult] = {}
     fewest: dict[str, Candidate] = {}  # on CUDA, per banded mode, the fewest bands measured to fit
     for candidate in sorted(candidates, key=lambda c: (c.mode != "column", c.mode, c.rows)):
@@ -264,7 +272,8 @@ def _measure_all(candidates: Sequence[Candidate], targets: Sequence[nn.Module], 
                                                       f"skipped: {fewest[candidate.mode]} fits with fewer bands")
             continue
         by_candidate[candidate] = result = _measure(candidate, targets, step, inputs, budget, memory, device,
-                                                    snapshot, batchnorm, convert_kwargs)
+                                                    snapshot, batchnorm, convert_kwargs, plain)
+        plain = result if candidate.mode == "column" else plain
         log.info("lrcnn probe %s", result.row())
         if result.fits and candidate.mode != "column" and device.type == "cuda":
             fewest[candidate.mode] = candidate
@@ -310,7 +319,8 @@ def choose_plan(
         for kwargs in ([{**convert_kwargs, "memory_budget": goal}] if spend_budget else []) + [convert_kwargs]:
             again = [c for c in unique if c.mode != "column" or c not in measured]  # the plain model has no plan
             measured.update(zip(again, _measure_all(again, targets, step, inputs, budget, memory, device, snapshot,
-                                                    batchnorm, kwargs), strict=True))
+                                                    batchnorm, kwargs, measured.get(Candidate("column"))),
+                                strict=True))
             results = [measured[c] for c in unique]
             if any(r.fits for r in results):
                 break

@@ -22,7 +22,7 @@ from .memory import check_budget, resolve_budget
 from .noise import draw_gates_globally
 from .norms import split_image_norms
 from .plan import Plan, describe
-from .planner import MODES, build_plan, plain_plan
+from .planner import MODES, build_plan, plain_graph_plan, plain_plan
 from .rules import BATCHNORM_POLICIES
 from .trace import LeafSpec, propagate_shapes, trace
 
@@ -215,12 +215,18 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         goal = None
         if cfg.memory_budget is not None:
             goal = resolve_budget(cfg.memory_budget, inputs[0].device)
-        plans = []
+        plans: list[Plan] = []
+        plan = None
         for gm in graphs:  # as traced and, with GroupNorm / InstanceNorm, split: the lower estimated peak
             propagate_shapes(gm, inputs)
+            if goal is not None and not plans:  # the plain model within the budget: nothing to plan
+                plain = plain_graph_plan(gm, module)
+                if estimate_plain(plain) <= goal:
+                    plan = plain_plan(plain, _within_budget(estimate_plain(plain), goal))
+                    break
             plans.append(build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm, goal=goal))
-        plan = min(plans, key=lambda p: estimate(p).peak_bytes)
-        plan = _never_worse(plan, plans[0], goal)
+        if plan is None:
+            plan = _never_worse(min(plans, key=lambda p: estimate(p).peak_bytes), plans[0], goal)
         state.plans[key] = plan
         log.info("row-centric plan for %s %s:\n%s\n%s", type(module).__name__, tuple(inputs[0].shape),
                  describe(plan), breakdown(plan))
@@ -235,12 +241,16 @@ def _never_worse(plan: Plan, traced: Plan, goal: int | None = None) -> Plan:
         return plain_plan(traced, "no row-local region (no convolution, pooling or pointwise op on image rows)")
     planned, plain = estimate(plan).peak_bytes, estimate_plain(traced)
     if goal is not None and plain <= goal:
-        return plain_plan(traced, f"the plain model's estimated peak ({plain / 2**20:.1f} MiB) is within "
-                                  f"memory_budget ({goal / 2**20:.1f} MiB)")
+        return plain_plan(traced, _within_budget(plain, goal))
     if planned < plain:
         return plan
     return plain_plan(traced, f"the row-centric plan's estimated peak ({planned / 2**20:.1f} MiB) is not below the "
                               f"plain model's ({plain / 2**20:.1f} MiB)")
+
+
+def _within_budget(plain: int, goal: int) -> str:
+    return (f"the plain model's estimated peak ({plain / 2**20:.1f} MiB) is within memory_budget "
+            f"({goal / 2**20:.1f} MiB)")
 
 
 @contextlib.contextmanager

@@ -981,6 +981,15 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
     return Plan(new, plan.static, _free_after(plan.graph, new), plan.graph, plan.param_grads)
 
 
+def plain_graph_plan(gm: fx.GraphModule, root: nn.Module, reason: str = "") -> Plan:
+    """``gm`` (shapes already propagated) run as usual, planned no further (what the plain model runs)."""
+    graph = gm.graph
+    make_writes_explicit(graph, root)
+    static = _static_nodes(graph)
+    steps: list[Step] = [v for v in graph.nodes if v not in static and v.op not in ("placeholder", "get_attr")]
+    return Plan(steps, static, _free_after(graph, steps), graph, _param_grads(graph, root), reason)
+
+
 def plain_plan(plan: Plan, reason: str) -> Plan:
     """The same graph run as usual: every node a global step, nothing banded or recomputed."""
     steps: list[Step] = list(plan.graph_nodes())

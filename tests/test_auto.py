@@ -130,8 +130,25 @@ def test_candidates_are_timed_over_several_steps(monkeypatch: pytest.MonkeyPatch
     calls: list[int] = []
     monkeypatch.setattr("lightning_lrcnn.auto.time_call", lambda fn, device, repeats=1: calls.append(repeats) or 1.0)
     model, x = _net().eval(), torch.randn(1, 3, 64, 64)
-    choose_plan([model], _step(model, x), memory_budget=2**40, candidates=(Candidate("column"), Candidate("overl", 2)))
+    choose_plan([model], _step(model, x), memory_budget=2**40, candidates=(Candidate("column"), Candidate("overl", 2)),
+                spend_budget=False)  # planned for its smallest peak, overl:2 bands
     assert calls == [TIMED_STEPS, TIMED_STEPS] and TIMED_STEPS >= 3
+
+
+def test_candidates_that_run_as_usual_take_the_plain_models_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the plain model fits the budget, every candidate planned to spend it runs as usual: planned, not
+    measured again (the probe of a model that fits costs one measurement), and the plain model is chosen."""
+    calls: list[int] = []
+    monkeypatch.setattr("lightning_lrcnn.auto.time_call", lambda fn, device, repeats=1: calls.append(repeats) or 1.0)
+    model, x = _net().eval(), torch.randn(1, 3, 64, 64)
+    cands = candidates_for("auto", "auto")
+    choice = choose_plan([model], _step(model, x), memory_budget=2**40, candidates=cands)
+    assert calls == [TIMED_STEPS]  # the plain model alone
+    column = choice.baseline
+    assert choice.best == Candidate("column") and column is not None and not is_row_centric(model)
+    for r in choice.results[1:]:
+        assert r.ran_plain and (r.peak_bytes, r.seconds) == (column.peak_bytes, column.seconds), r.row()
+        assert "within memory_budget" in r.note and "the plain model's figures" in r.note
 
 
 def test_plans_spend_the_budget_and_fall_back_to_their_smallest_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
