@@ -97,9 +97,11 @@ class RowCentricTraining(Callback):
                 check_budget(memory_budget)
         except ValueError as exc:
             raise MisconfigurationException(f"RowCentricTraining: {exc}") from None
-        if targets is not None and (isinstance(targets, str) or not all(isinstance(t, str) for t in targets)):
+        if targets is not None and (isinstance(targets, str) or not all(isinstance(t, str) for t in targets)
+                                    or not list(targets)):
             raise MisconfigurationException(
-                f"RowCentricTraining(targets={targets!r}): targets must be a list of submodule names or None")
+                f"RowCentricTraining(targets={targets!r}): targets must be a non-empty list of submodule names, or "
+                "None to convert every child module that contains a convolution")
         self.mode, self.rows, self.memory_budget, self.batchnorm = mode, rows, memory_budget, batchnorm
         self.targets = None if targets is None else list(targets)
         self.leaf_modules = tuple(leaf_modules)

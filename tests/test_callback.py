@@ -204,7 +204,8 @@ def test_validate_test_predict_loops(tmp_path) -> None:
     ({"memory_budget": -5}, "memory_budget must be > 0"),
     ({"memory_budget": "lots"}, "memory_budget must be bytes"),
     ({"memory_budget": 1.5}, r"fraction of device memory in \(0, 1\]"),
-    ({"targets": "backbone"}, "targets must be a list"),
+    ({"targets": "backbone"}, "targets must be a non-empty list"),
+    ({"targets": []}, "targets must be a non-empty list"),  # would convert nothing, silently
 ])
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(MisconfigurationException, match=match):
