@@ -19,6 +19,8 @@ from lightning_lrcnn.convert import plan_for
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_profile.py needs a CUDA device (none found); on a CPU use scripts/bench.py")
     device = torch.device("cuda")
     plain = torchvision.models.resnet50(weights=None).to(device).train()
     for m in plain.modules():
