@@ -37,8 +37,10 @@ class RowInterval:
         return RowInterval(min(self.start, other.start), max(self.stop, other.stop))
 
     def clamp(self, height: int) -> RowInterval:
-        """Intersection with ``[0, height)``."""
-        return RowInterval(max(0, self.start), min(height, self.stop))
+        """Intersection with ``[0, height)``; empty at the nearer edge where they do not meet (rows wholly in the
+        padding of a convolution padded by more than its kernel reaches)."""
+        start = min(max(0, self.start), height)
+        return RowInterval(start, max(start, min(height, self.stop)))
 
     def contains(self, other: RowInterval) -> bool:
         """True when every row of ``other`` lies in this interval."""

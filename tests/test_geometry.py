@@ -8,6 +8,8 @@ def test_interval_basics() -> None:
     assert len(a) == 3 and not a.empty and RowInterval(3, 3).empty and len(RowInterval(5, 2)) == 0
     assert a.hull(b) == RowInterval(2, 9) and a.hull(RowInterval(7, 7)) == a
     assert RowInterval(-2, 12).clamp(10) == RowInterval(0, 10)
+    # rows wholly in the padding (a 1x1 convolution padded by 3): empty at the nearer edge, sliceable
+    assert RowInterval(4, 6).clamp(3) == RowInterval(3, 3) and RowInterval(-5, -2).clamp(3) == RowInterval(0, 0)
     assert b.contains(RowInterval(5, 9)) and not b.contains(a) and a.contains(RowInterval(0, 0))
 
 

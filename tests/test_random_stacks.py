@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import assert_equivalent
 from torch import nn
 
+from lightning_lrcnn import to_row_centric
 from lightning_lrcnn.convert import plan_for
 from lightning_lrcnn.planner import _band
 
@@ -86,7 +87,30 @@ def _check(seed: int) -> None:
     finally:
         probe.zero_grad(set_to_none=True)
     assert_equivalent(lambda: nn.Sequential(*layers), shape, mode=mode, rows=rows, train=True,
-                      prepare=_every_segment_banded(rows))
+                      prepare=_every_segment_banded(rows), bands=_windows_planned(layers, shape, mode, rows))
+
+
+_WINDOWS = (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d, nn.AvgPool2d, nn.Upsample, nn.ZeroPad2d)
+
+
+def _windows_planned(layers: list[nn.Module], shape: tuple[int, ...], mode: str, rows: int) -> bool:
+    """Whether a convolution, pooling, resize or pad runs in some segment: only then can bands be seen (a stack
+    whose one convolution is global, e.g. replicate padding wider than its kernel reaches, bands pointwise ops
+    alone; it must still match the plain model)."""
+    converted = to_row_centric(nn.Sequential(*copy.deepcopy(layers)).double(), mode=mode, rows=rows)
+    plan = plan_for(converted, torch.randn(*shape, dtype=torch.float64))
+    return rows > 1 and any(v.op == "call_module" and isinstance(converted.get_submodule(str(v.target)), _WINDOWS)
+                            for s in plan.segments for v in s.nodes)
+
+
+def test_bands_wholly_in_the_padding(banded_anyway: None) -> None:
+    """A 1x1 convolution padded by 3 on a 3-row input: its outer output rows read no input row at all (slow
+    seeds 788 and 1385 found it: the band sliced its input past the end)."""
+    def stack() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 1, padding=(3, 1)), nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect"))
+
+    for mode in ("overl", "2ps"):
+        assert_equivalent(stack, (1, 3, 3, 6), mode=mode, rows=7, train=True, prepare=_every_segment_banded(7))
 
 
 def _seeds(default: int, slow: int) -> list:
