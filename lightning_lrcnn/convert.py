@@ -9,7 +9,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -221,8 +221,9 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
             propagate_shapes(gm, inputs)
             if goal is not None and not plans:  # the plain model within the budget: nothing to plan
                 plain = plain_graph_plan(gm, module)
-                if estimate_plain(plain) <= goal:
-                    plan = plain_plan(plain, _within_budget(estimate_plain(plain), goal))
+                peak = estimate_plain(plain)
+                if peak <= goal:
+                    plan = replace(plain, plain_reason=_within_budget(peak, goal))
                     break
             plans.append(build_plan(gm, module, mode=cfg.mode, rows=cfg.rows, batchnorm=cfg.batchnorm, goal=goal))
         if plan is None:

@@ -250,8 +250,8 @@ def _segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: s
     return segment.costs[key][1]
 
 
-def _new_segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: set[fx.Node], streamed: bool,
-                      frozen: frozenset[fx.Node]) -> _Cost:
+def _new_segment_cost(segment: Segment, param_grads: dict[fx.Node, int], captured: set[fx.Node],
+                      streamed: bool = False, frozen: frozenset[fx.Node] = frozenset()) -> _Cost:
     outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs)
     held_outputs = 0 if streamed else sum(_bytes(o) for o in segment.outputs if _saved(o)[0] or o in captured)
     held = held_outputs + sum(row_bytes(v) * len(rows) for b in segment.bands for v, rows in b.carry_out)

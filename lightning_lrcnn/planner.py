@@ -359,9 +359,9 @@ _GEOMETRIES: contextvars.ContextVar[dict[tuple, _SegmentGeometry] | None] = cont
 
 def _geometry(segment: Segment) -> _SegmentGeometry:
     cache = _GEOMETRIES.get()
-    key = (tuple(segment.nodes), tuple(segment.outputs))
     if cache is None:
         return _SegmentGeometry(segment.nodes, segment.rules, segment.outputs)
+    key = (tuple(segment.nodes), tuple(segment.outputs))
     if key not in cache:
         cache[key] = _SegmentGeometry(segment.nodes, segment.rules, segment.outputs)
     return cache[key]
@@ -583,7 +583,7 @@ def _plan_regions(graph: fx.Graph, root: nn.Module, regions: list[list[fx.Node]]
     for node in graph.nodes:
         if node in region_of:
             steps.extend(region_of[node])
-        elif node not in covered and node not in static and node.op not in ("placeholder", "get_attr"):
+        elif node not in covered and _runs(node, static):
             steps.append(node)
     plan = Plan(steps, static, _free_after(graph, steps), graph, param_grads)
     _relieve_peak(plan)
@@ -613,11 +613,11 @@ def _spend_goal(plan: Plan, goal: int, band_bytes: int) -> None:
         return band_count(band_bytes, sum(_full_bytes(v) for v in s.nodes), _output_rows(s))
 
     # fewer bands of one segment only raise the others' peaks: a segment refused once is never tried again
-    open_ = [s for s in plan.segments if s.recompute and len(s.bands) > asked(s)]
-    while open_:
-        s = max(open_, key=lambda s: len(s.bands))
+    trying = [s for s in plan.segments if s.recompute and len(s.bands) > asked(s)]
+    while trying:
+        s = max(trying, key=lambda s: len(s.bands))
         if _fewer_bands(plan, s, asked(s), goal) is None or len(s.bands) <= asked(s):
-            open_.remove(s)
+            trying.remove(s)
 
 
 def _fewer_bands(plan: Plan, s: Segment, floor: int, limit: float) -> int | None:
@@ -981,13 +981,18 @@ def _streamed(plan: Plan, stats: fx.Node) -> Plan | None:
     return Plan(new, plan.static, _free_after(plan.graph, new), plan.graph, plan.param_grads)
 
 
-def plain_graph_plan(gm: fx.GraphModule, root: nn.Module, reason: str = "") -> Plan:
+def plain_graph_plan(gm: fx.GraphModule, root: nn.Module) -> Plan:
     """``gm`` (shapes already propagated) run as usual, planned no further (what the plain model runs)."""
     graph = gm.graph
     make_writes_explicit(graph, root)
     static = _static_nodes(graph)
-    steps: list[Step] = [v for v in graph.nodes if v not in static and v.op not in ("placeholder", "get_attr")]
-    return Plan(steps, static, _free_after(graph, steps), graph, _param_grads(graph, root), reason)
+    steps: list[Step] = [v for v in graph.nodes if _runs(v, static)]
+    return Plan(steps, static, _free_after(graph, steps), graph, _param_grads(graph, root))
+
+
+def _runs(node: fx.Node, static: dict[fx.Node, Any]) -> bool:
+    """Whether ``node`` is computed by a step (not an input, an attribute or a value known from shapes)."""
+    return node not in static and node.op not in ("placeholder", "get_attr")
 
 
 def plain_plan(plan: Plan, reason: str) -> Plan:

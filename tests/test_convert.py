@@ -463,9 +463,7 @@ def test_what_planning_remembers_changes_no_plan(mode: str, monkeypatch: pytest.
     x = torch.randn(1, 3, 256, 192)
     remembered = plan_for(to_row_centric(torchvision.models.resnet18().train(), mode=mode, rows=8), x)
     monkeypatch.setattr(planner, "_geometry", lambda s: planner._SegmentGeometry(s.nodes, s.rules, s.outputs))
-    monkeypatch.setattr(estimate_module, "_segment_cost", lambda segment, *args, **kwargs:
-                        estimate_module._new_segment_cost(segment, *args, **{"streamed": False,
-                                                                              "frozen": frozenset(), **kwargs}))
+    monkeypatch.setattr(estimate_module, "_segment_cost", estimate_module._new_segment_cost)
     fresh = plan_for(to_row_centric(torchvision.models.resnet18().train(), mode=mode, rows=8), x)
     assert describe(fresh) == describe(remembered)
     assert sum(len(s.bands) for s in fresh.segments) > len(fresh.segments)  # bands, not a plain plan
