@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import refuse_double_backward
 from .geometry import RowInterval
 from .norms import batch_statistics, image_statistics, update_running_statistics, var_mean
 from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts, last_cut_readers
@@ -37,6 +38,20 @@ def _rows(t: Tensor, have: RowInterval, want: RowInterval, dim: int) -> Tensor:
     if want == have:
         return t
     return t.narrow(dim, want.start - have.start, len(want))
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    """Autocast as it stands now, per device type (backward runs outside the forward's autocast)."""
+    devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices]
+
+
+@contextlib.contextmanager
+def _autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        yield
 
 
 class _GradSum:
@@ -62,6 +77,7 @@ class _Collect(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, _: None) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        refuse_double_backward()
         total, ctx.total.total = ctx.total.total, None
         return total, None
 
@@ -81,6 +97,7 @@ class _Rows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
+        refuse_double_backward()
         ctx.total.add(ctx.rows, grad)
         return None, None, None
 
@@ -168,6 +185,7 @@ class _IntoCut(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None, None]:  # type: ignore[override]
+        refuse_double_backward()
         ctx.total.add(ctx.rows, grad)
         return None, grad.new_zeros(()), None, None
 
@@ -391,6 +409,7 @@ class _StreamedStatistics(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_rstd: Tensor | None, _: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        refuse_double_backward()
         mean, rstd = ctx.saved_tensors
         shape = (1, -1, 1, 1)
         g_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.reshape(-1)
@@ -415,6 +434,7 @@ class _PrefixRun:
         self.into = _GradSum(x.meta["val"].shape, row_dim(x))  # its input's gradient from later recomputations
         self.kept: Tensor | None = None  # its input, whole, made by the statistics' pass (``step.keep``)
         self.keep = step.keep and torch.is_grad_enabled()  # its readers read it only where they stop at its cut
+        self.autocast = _autocast_state()  # backward recomputes the prefix as forward ran it
         self.recomputed = _RowCache(x.meta["val"].shape, row_dim(x)) if step.reuse else None
         inside = set(self.prefix.nodes)
         self.outside = {v: env[v] for node in self.prefix.nodes for v in node.all_input_nodes
@@ -486,7 +506,7 @@ class _PrefixRun:
     def backward(self, grad_of: Any) -> list[Tensor | None]:
         """Gradients of :meth:`inputs` for the statistics' gradient ``grad_of(x)`` of the prefix output ``x``
         (the rows' gradients are added to the values' shared sums; their anchors get None)."""
-        with torch.enable_grad():
+        with torch.enable_grad(), _autocast(self.autocast):
             leaves = {v: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
                       for v, t in self.outside.items()}
             if self.recomputed is not None:  # read by later statistics' backward only, which ran before this one
@@ -539,6 +559,7 @@ class _StreamedMean(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        refuse_double_backward()
         run, ctx.run = ctx.run, None  # the graph outlives this call: what the prefix read must not
         return (None, *run.backward(lambda x: (grad / ctx.count).expand_as(x)))
 

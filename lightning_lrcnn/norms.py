@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .errors import refuse_double_backward
 from .geometry import RowInterval
 
 __all__ = ["split_image_norms", "image_statistics", "batch_statistics", "normalize", "update_running_statistics"]
@@ -135,6 +136,7 @@ class _VarMean(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_var: Tensor | None, grad_mean: Tensor | None) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        refuse_double_backward()
         x, mean = ctx.saved_tensors
         into, ctx.into = ctx.into, None
 
@@ -182,6 +184,7 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        refuse_double_backward()
         # two tensors of x's size: the input gradient, and (x - mean) * grad for the statistics' gradients
         x, mean, rstd, weight = ctx.saved_tensors
         xf = x.float() if ctx.cast and x.dtype in (torch.float16, torch.bfloat16) else x

@@ -132,6 +132,39 @@ def test_norms_under_autocast_match_within_bf16_tolerance() -> None:
     torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
 
 
+def test_streamed_statistics_under_autocast_recompute_in_the_autocast_dtype() -> None:
+    """Streamed statistics recompute their prefix in backward, outside the forward's autocast: it is restored
+    there (the bf16 rows met float32 weights before). Gradients match the plain model within bf16 tolerance."""
+    torch.manual_seed(0)
+    model, x = _bn_stack().train(), torch.randn(2, 3, 160, 40)
+    reference, converted = copy.deepcopy(model), to_row_centric(copy.deepcopy(model), mode="overl", rows=8)
+    assert any(isinstance(s, Streamed) for s in plan_for(converted, x).steps)
+    reference(x).square().mean().backward()  # float32
+    for m in (model, converted):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().mean().backward()
+
+    def errors(m: nn.Module) -> list[float]:  # of the weights' gradients, norm-wise, from the float32 ones
+        return [float((p.grad - r.grad).norm() / r.grad.norm())  # type: ignore[operator]
+                for p, r in zip(m.parameters(), reference.parameters(), strict=True) if p.dim() > 1]
+
+    plain, banded = errors(model), errors(converted)  # plain bf16: 0.002-0.12; banded: 0.008-0.17
+    assert all(b < 2.5 * p + 0.02 for p, b in zip(plain, banded, strict=True)), (plain, banded)
+
+
+def test_second_order_gradients_are_refused_in_one_line() -> None:
+    """backward(create_graph=True) cannot differentiate the bands' backward again: refused, not silently wrong."""
+    from lightning_lrcnn import RowCentricError
+
+    converted = to_row_centric(_bn_stack().train().double(), mode="overl", rows=8)
+    x = torch.randn(2, 3, 160, 40, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RowCentricError, match="first-order only"):
+        torch.autograd.grad(converted(x).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(converted(x).sum(), x)  # first order still works
+    assert g.shape == x.shape
+
+
 @pytest.mark.parametrize("net", ["fpn_head", "unet"])
 def test_the_graph_with_the_lower_estimated_peak_is_kept(net: str) -> None:
     """Splitting costs where a norm's input is far smaller than what follows (FPN: GroupNorm on a small map,
