@@ -24,7 +24,7 @@ from .norms import split_image_norms
 from .plan import Plan, describe
 from .planner import MODES, build_plan, plain_graph_plan, plain_plan
 from .rules import BATCHNORM_POLICIES
-from .trace import LeafSpec, propagate_shapes, trace
+from .trace import LeafSpec, has_hooks, propagate_shapes, trace
 
 __all__ = ["to_row_centric", "restore", "is_row_centric", "row_centric_config", "RowCentricConfig"]
 
@@ -197,7 +197,8 @@ def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
-    modes = tuple(m.training for m in module.modules())
+    # a submodule's hooks make it a leaf that runs whole: a hook added or removed means another trace
+    modes = tuple((m.training, bool(name) and has_hooks(m)) for name, m in module.named_modules())
     key = (modes, tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else repr(v) for v in inputs),
            torch.is_autocast_enabled())
     plan = state.plans.get(key)
@@ -207,6 +208,10 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         if graphs is None:
             with _batchnorm_traced_frozen(module, cfg.batchnorm == "freeze"):
                 gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
+            hooked = [name for name, m in module.named_modules() if name and has_hooks(m)]
+            if hooked:
+                log.warning("%s: submodules with hooks run whole, not in bands (their hooks see the whole tensors, "
+                            "as in the plain model): %s", type(module).__name__, ", ".join(_outermost(hooked)))
             draw_gates_globally(gm)
             split = split_image_norms(gm, cfg.batchnorm)
             graphs = (gm,) if split is None else (gm, split)
@@ -232,6 +237,11 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         log.info("row-centric plan for %s %s:\n%s\n%s", type(module).__name__, tuple(inputs[0].shape),
                  describe(plan), breakdown(plan))
     return plan
+
+
+def _outermost(names: list[str]) -> list[str]:
+    """Qualified module names without those inside another listed one (``layer1`` covers ``layer1.0.conv1``)."""
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
 def _never_worse(plan: Plan, traced: Plan, goal: int | None = None) -> Plan:

@@ -21,6 +21,7 @@ from torch import Tensor, fx, nn
 
 from .geometry import RowInterval, same_padding, split_padding, transposed_input_rows, window_input_rows
 from .norms import normalize
+from .trace import has_hooks
 
 __all__ = ["RowRule", "NodeRule", "rule_for", "is_4d", "row_dim", "moved_row_dim", "BATCHNORM_POLICIES",
            "recomputing", "concrete"]
@@ -612,7 +613,10 @@ def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:
             return None
         in_value = _val(first)
         if node.op == "call_module":
-            rule = _module_rule(root.get_submodule(str(node.target)), node, in_value, out_value, batchnorm, dim)
+            module = root.get_submodule(str(node.target))
+            if has_hooks(module):  # its hooks see the whole tensors, as in the plain model
+                return None
+            rule = _module_rule(module, node, in_value, out_value, batchnorm, dim)
         elif node.target in (F.layer_norm, F.linear):
             rule = _last_axes_function(node, in_value, dim)
         else:

@@ -13,11 +13,29 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .errors import TraceError
 
-__all__ = ["trace", "propagate_shapes", "fetch_attr", "quiet_fake_tensor_logs", "LeafSpec"]
+__all__ = ["trace", "propagate_shapes", "fetch_attr", "quiet_fake_tensor_logs", "has_hooks", "LeafSpec"]
 
 log = logging.getLogger(__name__)
 
 LeafSpec = Sequence[type | str]
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs hooks (its own forward/backward hooks, or global module hooks). Such a module
+    is traced as a leaf and runs whole, so its hooks see what they see in the plain model: torch.nn.utils.prune
+    and spectral_norm recompute the weight in a pre-hook, and a feature hook reads the whole output."""
+    from torch.nn.modules import module as torch_module
+
+    own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    shared = (getattr(torch_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                             "_global_backward_hooks", "_global_backward_pre_hooks"))
+    return any(own) or any(shared)
+
+
+def _call_without_hooks(m: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """A fake or shape-only run of ``m``: its hooks would act on fake values (a prune pre-hook would set a fake
+    weight on the real module) or run one extra time; its forward gives the shapes."""
+    return m.forward(*args, **kwargs) if has_hooks(m) else m(*args, **kwargs)
 
 
 class _Tracer(fx.Tracer):
@@ -33,7 +51,7 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_names:
+        if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_names or has_hooks(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -103,7 +121,7 @@ class _ShapeTracer(_Tracer):
         args, kwargs = fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
         with self.mode, torch.no_grad():  # values only: no autograd graph holding the parameters
             if node.op == "call_module":
-                return self.root.get_submodule(str(node.target))(*args, **kwargs)
+                return _call_without_hooks(self.root.get_submodule(str(node.target)), args, kwargs)
             if node.op == "call_method":
                 return getattr(args[0], str(node.target))(*args[1:], **kwargs)
             return node.target(*args, **kwargs)  # type: ignore[operator]
@@ -272,6 +290,9 @@ class _SavedTensorProp(FakeTensorProp):
                 node.meta["val"] = fx.node.map_aggregate(
                     node.meta["val"], lambda v: v.detach() if isinstance(v, Tensor) else v)
 
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _call_without_hooks(self.fetch_attr(target), args, kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         result = super().run_node(n)
@@ -319,6 +340,9 @@ def quiet_fake_tensor_logs() -> Iterator[None]:
 
 
 class _RealShapeProp(fx.Interpreter):
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _call_without_hooks(self.fetch_attr(target), args, kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         n.meta["val"] = fx.node.map_aggregate(

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 import torchvision
-from conftest import assert_equivalent
+from conftest import ConvHeights, assert_equivalent
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -469,3 +470,64 @@ def test_what_planning_remembers_changes_no_plan(mode: str, monkeypatch: pytest.
     assert sum(len(s.bands) for s in fresh.segments) > len(fresh.segments)  # bands, not a plain plan
     assert all(len(s.costs) <= 1 for s in remembered.segments)  # trial bands forgotten once built (the final
     # estimate's entry is made again after)
+
+
+def _hooked_stack() -> nn.Module:
+    torch.manual_seed(0)
+    layers = [m for i in range(6) for m in (nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.ReLU())]
+    return nn.Sequential(*layers).double()
+
+
+_HOOKS = {
+    "forward_hook": lambda m, calls: m.register_forward_hook(lambda *_: calls.append(1) or _[2] * 2),
+    "forward_pre_hook": lambda m, calls: m.register_forward_pre_hook(lambda _, a: calls.append(1) or (a[0] * 3,)),
+    "full_backward_hook": lambda m, calls: m.register_full_backward_hook(lambda *_: calls.append(1) or None),
+    "prune": lambda m, calls: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5),
+    "spectral_norm": lambda m, calls: nn.utils.spectral_norm(m),
+}
+
+
+@pytest.mark.parametrize("kind", list(_HOOKS))
+def test_a_submodule_with_hooks_runs_whole_and_its_hooks_run_as_in_the_plain_model(
+        kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Bands call the convolution's function, not the module: a hooked module (a feature hook, torch's prune and
+    spectral_norm, which set the weight in a pre-hook) runs whole, once per step, as in the plain model; the
+    other convolutions still run in bands. Before, the hooks were skipped in bands (wrong outputs and
+    gradients) and prune/spectral_norm crashed in the fake shape propagation."""
+    def build(calls: list[int]) -> nn.Module:
+        model = _hooked_stack()
+        torch.manual_seed(1)  # spectral_norm draws its vectors
+        _HOOKS[kind](model[4], calls)
+        return model
+
+    plain_calls: list[int] = []
+    calls: list[int] = []
+    plain, converted = build(plain_calls), build(calls)
+    to_row_centric(converted, mode="overl", rows=8)
+    x = torch.randn(1, 3, 256, 64, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="lightning_lrcnn.convert"), ConvHeights(converted) as heights:
+        got = converted(x)
+        got.square().mean().backward()
+    expected = plain(x)
+    expected.square().mean().backward()
+    torch.testing.assert_close(got, expected)
+    for (name, p), q in zip(plain.named_parameters(), converted.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, b), c in zip(plain.named_buffers(), converted.buffers(), strict=True):
+        torch.testing.assert_close(c, b, msg=name)
+    assert len(calls) == len(plain_calls)
+    whole = [h for key, h in heights.conv.items() if key not in {f"{i}.weight" for i in (0, 2, 6, 8, 10)}]
+    assert whole == [256]  # the hooked convolution (its weight is computed: keyed by shape, or "4.weight")
+    assert max(heights.conv[f"{i}.weight"] for i in (0, 2, 6, 8, 10)) < 256
+    assert any("submodules with hooks run whole" in r.message and ": 4" in r.message for r in caplog.records)
+
+
+def test_a_hook_added_after_planning_is_honoured() -> None:
+    plain, converted = _hooked_stack(), to_row_centric(_hooked_stack(), mode="overl", rows=8)
+    x = torch.randn(1, 3, 256, 64, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), plain(x))
+    handles = [m[4].register_forward_hook(lambda _, __, y: y * 2) for m in (plain, converted)]
+    torch.testing.assert_close(converted(x), plain(x))
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(converted(x), plain(x))
