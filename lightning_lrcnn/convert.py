@@ -48,7 +48,8 @@ class RowCentricConfig:
 @dataclass
 class _State:
     config: RowCentricConfig
-    traces: dict[tuple[bool, ...], tuple[fx.GraphModule, ...]] = field(default_factory=dict)
+    # per (training, hooked) of each submodule
+    traces: dict[tuple[tuple[bool, bool], ...], tuple[fx.GraphModule, ...]] = field(default_factory=dict)
     plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
 
 
