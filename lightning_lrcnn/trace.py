@@ -96,7 +96,7 @@ class _ShapeTracer(_Tracer):
             node.meta["val"] = self._run(node)
         except _Unknown as exc:  # an input's value is unknown: keep the first failure
             node.meta["val_error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001: an unknown value only matters if control flow asks for it
+        except Exception as exc:  # noqa: BLE001 -- an unknown value only matters if control flow asks for it
             node.meta["val_error"] = f"{node.name}: {type(exc).__name__}: {exc}"
         finally:
             self.evaluating = False
