@@ -19,7 +19,7 @@ from .errors import PlanError
 from .estimate import peak_bytes, segments_peak
 from .estimate import segment_peaks as estimate_segment_peaks
 from .geometry import RowInterval
-from .mutation import make_writes_explicit
+from .mutation import make_writes_explicit, written_input
 from .norms import batch_statistics
 from .plan import (
     Band,
@@ -83,6 +83,35 @@ def _static_nodes(graph: fx.Graph) -> dict[fx.Node, Any]:
     return static
 
 
+def _weight_only_nodes(graph: fx.Graph, root: nn.Module, static: dict[fx.Node, Any]) -> set[fx.Node]:
+    """Tensors computed from parameters, buffers and constants alone (``FrozenBatchNorm2d``'s scale and shift, a
+    layer scale reshaped to ``(1, C, 1, 1)``): they hold no image rows, so they neither run in bands nor end a
+    region; each runs once, whole, before the region that reads it (see :func:`_hoist_weight_only_nodes`). A
+    node that writes in place keeps its place (and its global step)."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or node in static or not _has_tensor(node.meta.get("val")):
+            continue
+        inputs = node.all_input_nodes
+        if (any(u.op == "get_attr" or u in found for u in inputs)
+                and all(u.op == "get_attr" or u in static or u in found for u in inputs)
+                and written_input(node, root) is None):
+            found.add(node)
+    return found
+
+
+def _hoist_weight_only_nodes(regions: list[list[fx.Node]], weight_only: set[fx.Node]) -> None:
+    """Move the weight-only nodes written between a region's first and last node to just before its first, in
+    their order: they read no node of the region, and only row-local (side-effect free) nodes are passed."""
+    for region in regions:
+        node, last = region[0].next, region[-1]
+        while node is not last:
+            after = node.next
+            if node in weight_only:
+                region[0].prepend(node)
+            node = after
+
+
 def _set_row_dims(graph: fx.Graph) -> None:
     """``node.meta["row_dim"]`` for every 4-D value: the axis the image rows are in. 2 (NCHW) except after a
     ``permute``/``transpose`` that moved them, and for values computed from such a value along other axes
@@ -106,11 +135,11 @@ def _set_row_dims(graph: fx.Graph) -> None:
                 break
 
 
-def _row_local_rules(graph: fx.Graph, root: nn.Module, batchnorm: str,
-                     static: dict[fx.Node, Any]) -> dict[fx.Node, NodeRule]:
+def _row_local_rules(graph: fx.Graph, root: nn.Module, batchnorm: str, static: dict[fx.Node, Any],
+                     weight_only: set[fx.Node]) -> dict[fx.Node, NodeRule]:
     rules: dict[fx.Node, NodeRule] = {}
     for node in graph.nodes:
-        if node in static:
+        if node in static or node in weight_only:
             continue
         try:
             rule = rule_for(node, root, batchnorm)
@@ -139,13 +168,15 @@ def _sink_row_local_nodes(graph: fx.Graph, rules: dict[fx.Node, NodeRule]) -> No
             before.append(node)
 
 
-def _regions(graph: fx.Graph, rules: dict[fx.Node, NodeRule], static: dict[fx.Node, Any]) -> list[list[fx.Node]]:
-    """Maximal runs (topological order) of row-local nodes; static, placeholder and get_attr nodes don't break them."""
+def _regions(graph: fx.Graph, rules: dict[fx.Node, NodeRule], static: dict[fx.Node, Any],
+             weight_only: set[fx.Node]) -> list[list[fx.Node]]:
+    """Maximal runs (topological order) of row-local nodes; static, weight-only, placeholder and get_attr nodes
+    don't break them."""
     regions: list[list[fx.Node]] = []
     current: list[fx.Node] = []
     members: set[fx.Node] = set()
     for node in graph.nodes:
-        if node in static or node.op in ("placeholder", "get_attr"):
+        if node in static or node in weight_only or node.op in ("placeholder", "get_attr"):
             continue
         rule = rules.get(node)
         # a whole (non-row) input made inside the run would be needed in full by every band: cut there
@@ -556,10 +587,12 @@ def _build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, ba
     make_writes_explicit(graph, root)
     _set_row_dims(graph)
     static = _static_nodes(graph)
-    rules = _row_local_rules(graph, root, batchnorm, static)
+    weight_only = _weight_only_nodes(graph, root, static)
+    rules = _row_local_rules(graph, root, batchnorm, static, weight_only)
     _sink_row_local_nodes(graph, rules)
     param_grads = _param_grads(graph, root)
-    regions = _regions(graph, rules, static)
+    regions = _regions(graph, rules, static, weight_only)
+    _hoist_weight_only_nodes(regions, weight_only)
     band_bytes = max(1, max((sum(_full_bytes(v) for v in region) for region in regions), default=0) // rows)
     # whether to cut regions down to pieces of one band is decided on the finished plans' estimates
     plans = [_plan_regions(graph, root, regions, rules, static, param_grads, mode, band_bytes, cut_whole, goal)

@@ -61,7 +61,9 @@ def assert_equivalent(
             torch.manual_seed(1)
             y = model(xi)
             torch.manual_seed(2)
-            y.backward(torch.randn(y.shape, dtype=y.dtype))  # by shape: the same numbers whatever the strides
+            ys = [t for t in torch.utils._pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]  # dicts of maps too
+            # by shape: the same numbers whatever the strides
+            torch.autograd.backward(ys, [torch.randn(t.shape, dtype=t.dtype) for t in ys])
         outs.append(y)
         grads.append(xi.grad)
     seen = {**heights[plain].conv, **heights[plain].other}

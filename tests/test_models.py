@@ -5,9 +5,14 @@ where the planner bands, and each test asserts that even the convolutions readin
 from __future__ import annotations
 
 import pytest
+import torch
 import torchvision
 from conftest import assert_equivalent
 from torch import nn
+
+from lightning_lrcnn.convert import plan_for
+from lightning_lrcnn.estimate import estimate, estimate_plain
+from lightning_lrcnn.plan import describe
 
 
 def _small_head(make):  # type: ignore[no-untyped-def]
@@ -61,6 +66,21 @@ def test_resnet50_classifier(mode: str, train: bool) -> None:
 def test_resnet18_frozen_batchnorm(mode: str) -> None:
     assert_equivalent(torchvision.models.resnet18, (2, 3, 96, 80), mode=mode, rows=4, train=True, batchnorm="freeze",
                       tallest=True)
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_detection_backbone_with_frozen_batchnorm_and_fpn(mode: str) -> None:
+    """torchvision's detection backbones: ``FrozenBatchNorm2d`` computes its scale and shift from buffers in
+    forward (tensors without image rows: they run once, whole, and no longer end a region at every norm; the
+    network used to run plain), the first layers frozen, and an FPN returning a dict of five maps."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    def make() -> nn.Module:
+        return resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
+
+    converted = assert_equivalent(make, (1, 3, 256, 128), mode=mode, rows=4, train=True, tallest=True)
+    plan = plan_for(converted, torch.randn(1, 3, 256, 128, dtype=torch.float64))
+    assert not plan.plain_reason and estimate(plan).peak_bytes < estimate_plain(plan), describe(plan)
 
 
 @pytest.mark.parametrize(
