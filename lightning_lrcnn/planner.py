@@ -100,16 +100,16 @@ def _weight_only_nodes(graph: fx.Graph, root: nn.Module, static: dict[fx.Node, A
     return found
 
 
-def _hoist_weight_only_nodes(regions: list[list[fx.Node]], weight_only: set[fx.Node]) -> None:
+def _hoist_weight_only_nodes(graph: fx.Graph, regions: list[list[fx.Node]], weight_only: set[fx.Node]) -> None:
     """Move the weight-only nodes written between a region's first and last node to just before its first, in
     their order: they read no node of the region, and only row-local (side-effect free) nodes are passed."""
+    if not weight_only:
+        return
+    order = {node: i for i, node in enumerate(graph.nodes)}
     for region in regions:
-        node, last = region[0].next, region[-1]
-        while node is not last:
-            after = node.next
-            if node in weight_only:
-                region[0].prepend(node)
-            node = after
+        first, last = order[region[0]], order[region[-1]]
+        for node in sorted((v for v in weight_only if first < order[v] < last), key=order.__getitem__):
+            region[0].prepend(node)
 
 
 def _set_row_dims(graph: fx.Graph) -> None:
@@ -592,7 +592,7 @@ def _build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, ba
     _sink_row_local_nodes(graph, rules)
     param_grads = _param_grads(graph, root)
     regions = _regions(graph, rules, static, weight_only)
-    _hoist_weight_only_nodes(regions, weight_only)
+    _hoist_weight_only_nodes(graph, regions, weight_only)
     band_bytes = max(1, max((sum(_full_bytes(v) for v in region) for region in regions), default=0) // rows)
     # whether to cut regions down to pieces of one band is decided on the finished plans' estimates
     plans = [_plan_regions(graph, root, regions, rules, static, param_grads, mode, band_bytes, cut_whole, goal)

@@ -531,3 +531,43 @@ def test_a_hook_added_after_planning_is_honoured() -> None:
     for handle in handles:
         handle.remove()
     torch.testing.assert_close(converted(x), plain(x))
+
+
+class _WeightTensors(nn.Module):
+    """Tensors made from parameters alone in forward: a positional embedding resized to the feature map (its
+    rows are the image's: read band by band), a gate reshaped to (1, C, 1, 1) (broadcast) and a standardised
+    convolution weight (timm's StdConv2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 16, 8))
+        self.gate = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x).relu()
+        pos = F.interpolate(self.pos, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.c2(y + pos).relu() * self.gate.view(1, -1, 1, 1).sigmoid()
+        w = F.batch_norm(self.c3.weight.reshape(1, 4, -1), None, None, training=True, eps=1e-6).reshape_as(
+            self.c3.weight)
+        return F.conv2d(y, w, self.c3.bias)
+
+
+class _StdConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+def _std_conv_stack() -> nn.Module:
+    return nn.Sequential(_StdConv(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(), _StdConv(8, 8, 3, padding=1),
+                         nn.ReLU(), _StdConv(8, 4, 3, padding=1))
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_tensors_made_from_parameters_run_once_and_keep_the_region_whole(mode: str) -> None:
+    converted = assert_equivalent(_WeightTensors, (2, 3, 192, 40), mode=mode, rows=6, train=True, tallest=True)
+    plan = plan_for(converted, torch.randn(2, 3, 192, 40, dtype=torch.float64))
+    assert len(plan.segments) == 1, describe(plan)  # the gate and the weight no longer cut the region
+    # weight tensors between regions of one node, split GroupNorm (planning looped forever on this once)
+    assert_equivalent(_std_conv_stack, (2, 3, 192, 40), mode=mode, rows=6, train=True)
