@@ -177,7 +177,8 @@ def plan_for(module: nn.Module, *args: Any, **kwargs: Any) -> Plan:
     """The plan a converted ``module`` uses for these inputs (built and cached on first use)."""
     state: _State = module.__dict__[_ATTR]
     inputs = _bind_inputs(module, args, kwargs)
-    return _plan(module, state, inputs)
+    with _batchnorm_frozen(module, state.config.batchnorm == "freeze"):
+        return _plan(module, state, inputs)
 
 
 def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
@@ -207,8 +208,7 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         cfg = state.config
         graphs = state.traces.get(modes)
         if graphs is None:
-            with _batchnorm_traced_frozen(module, cfg.batchnorm == "freeze"):
-                gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
+            gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
             hooked = [name for name, m in module.named_modules() if name and has_hooks(m)]
             if hooked:
                 log.warning("%s: submodules with hooks run whole, not in bands (their hooks see the whole tensors, "
@@ -266,30 +266,30 @@ def _within_budget(plain: int, goal: int) -> str:
 
 
 @contextlib.contextmanager
-def _batchnorm_traced_frozen(module: nn.Module, frozen: bool) -> Iterator[None]:
-    """With ``batchnorm="freeze"``, BatchNorm modules are traced in eval mode: a subclass whose forward is traced
-    through (timm's ``BatchNormAct2d``) then records running statistics, as the rule does for ``nn.BatchNorm2d``."""
+def _batchnorm_frozen(module: nn.Module, frozen: bool) -> Iterator[None]:
+    """With ``batchnorm="freeze"`` every BatchNorm of ``module`` runs in eval mode (its running statistics) for
+    the call: traced, shape-propagated and run, so a subclass traced through (timm's ``BatchNormAct2d``), a
+    BatchNorm on a ``(N, C, 1, 1)`` squeeze-excitation gate at batch size 1 and a ``BatchNorm1d`` head are
+    frozen too. Only the norms' own ``training`` flag changes, and it is restored."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
         if frozen else []
     for m in norms:
-        m.eval()
+        m.training = False
     try:
         yield
     finally:
         for m in norms:
-            m.train()
+            m.training = True
 
 
 def _row_centric_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _State = self.__dict__[_ATTR]
     inputs = _bind_inputs(self, args, kwargs)
-    plan = _plan(self, state, inputs)
-    said = _SAID_PLAIN.setdefault(self, set())
-    if plan.plain_reason and plan.plain_reason not in said:  # once per module and reason, across conversions
-        said.add(plan.plain_reason)
-        log.warning("%s runs as usual (not row-centric) for input %s: %s", type(self).__name__,
-                    tuple(inputs[0].shape), plan.plain_reason)
-    try:
+    with _batchnorm_frozen(self, state.config.batchnorm == "freeze"):
+        plan = _plan(self, state, inputs)
+        said = _SAID_PLAIN.setdefault(self, set())
+        if plan.plain_reason and plan.plain_reason not in said:  # once per module and reason, across conversions
+            said.add(plan.plain_reason)
+            log.warning("%s runs as usual (not row-centric) for input %s: %s", type(self).__name__,
+                        tuple(inputs[0].shape), plan.plain_reason)
         return run_plan(plan, self, inputs)
-    except PlanError:
-        raise

@@ -230,6 +230,31 @@ def test_freeze_applies_to_batchnorm_traced_through(mode: str) -> None:
     assert_equivalent(make, (2, 3, 16, 12), mode=mode, rows=4, train=True, batchnorm="freeze")
 
 
+class _GateAndHead(nn.Module):
+    """A squeeze-excitation gate with a BatchNorm on (N, C, 1, 1) and a BatchNorm1d classifier head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc, self.gate_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c2(self.c1(x).relu()).relu()
+        y = y * self.gate_bn(self.fc(y.mean((2, 3), keepdim=True))).sigmoid()
+        return self.head(y.amax((2, 3)))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_freeze_applies_to_every_batchnorm_at_any_batch_size(batch: int) -> None:
+    """Under "freeze" the model is the plain one with every BatchNorm in eval mode: the gate's norm at batch
+    size 1 (train mode refuses one value per channel: shape propagation crashed on it) and the BatchNorm1d head
+    (a global op: it ran in train mode, moving its running statistics) too; the flags are restored."""
+    converted = assert_equivalent(_GateAndHead, (batch, 3, 96, 24), mode="overl", rows=4, train=True,
+                                  batchnorm="freeze")
+    assert all(m.training for m in converted.modules())
+
+
 @pytest.mark.parametrize("shape_dependent", [False, True], ids=["traced_once", "traced_per_shape"])
 def test_buffer_updates_in_code_traced_through_happen_every_step(shape_dependent: bool) -> None:
     """``num_batches_tracked.add_(1)`` in a forward traced through is a graph node, not a one-off at trace time."""
