@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .errors import PlanError
 from .estimate import breakdown, estimate, estimate_plain
 from .executor import run_plan
 from .memory import check_budget, resolve_budget
