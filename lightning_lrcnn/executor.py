@@ -570,7 +570,8 @@ def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node,
     input when kept)."""
     run = _PrefixRun(step, env, static, root, progress, index, anchors, cuts)
     if not step.batch_norm:
-        env[step.stats], token = _StreamedMean.apply(run, *run.inputs())
+        mean, token = _StreamedMean.apply(run, *run.inputs())
+        env[step.stats] = mean.reshape(step.stats.meta["val"].shape)  # (N, C) without keepdim
     else:
         mean, rstd, token = _StreamedStatistics.apply(run, *run.inputs())
         env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)

@@ -12,6 +12,7 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
@@ -81,6 +82,34 @@ def _static_nodes(graph: fx.Graph) -> dict[fx.Node, Any]:
         if shape_query or all(n in static for n in node.all_input_nodes):
             static[node] = concrete(node.meta["val"])
     return static
+
+
+_BROADCASTING = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub,
+                 torch.div}
+
+
+def _drop_broadcast_expands(graph: fx.Graph) -> None:
+    """``x * g.expand_as(x)`` -> ``x * g`` (timm's ECA gate): the expand reads ``x`` for its shape only, yet as
+    a graph node it would be a global reader of ``x``, ending the region there and keeping the gate's mean from
+    being streamed. Only where every reader is a broadcasting arithmetic op whose other operand and result
+    have the expanded shape, so broadcasting makes the same values and gradients."""
+    for node in list(graph.nodes):
+        if node.op != "call_method" or node.target not in ("expand_as", "expand") or not node.args:
+            continue
+        source = node.args[0]
+        if isinstance(source, fx.Node) and node.users and all(_broadcasts(u, node) for u in node.users):
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+
+
+def _broadcasts(user: fx.Node, expanded: fx.Node) -> bool:
+    """Whether ``user`` is arithmetic on ``expanded`` and an operand of the same shape, with that shape."""
+    if not (user.op == "call_function" and user.target in _BROADCASTING and len(user.args) == 2 and not user.kwargs):
+        return False
+    other = user.args[1] if user.args[0] is expanded else user.args[0]
+    shapes = [v.meta.get("val") if isinstance(v, fx.Node) else None for v in (expanded, other, user)]
+    return other is not expanded and all(isinstance(t, Tensor) for t in shapes) and (
+        shapes[0].shape == shapes[1].shape == shapes[2].shape)  # type: ignore[union-attr]
 
 
 def _weight_only_nodes(graph: fx.Graph, root: nn.Module, static: dict[fx.Node, Any]) -> set[fx.Node]:
@@ -585,6 +614,7 @@ def _build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, ba
                 goal: int | None) -> Plan:
     graph = gm.graph
     make_writes_explicit(graph, root)
+    _drop_broadcast_expands(graph)
     _set_row_dims(graph)
     static = _static_nodes(graph)
     weight_only = _weight_only_nodes(graph, root, static)
@@ -931,19 +961,19 @@ def _stream_statistics(plan: Plan, root: nn.Module, goal: int | None = None) -> 
 
 def streamable(node: fx.Node, root: nn.Module) -> bool:
     """Whether ``node`` is a reduction that can be streamed band by band: train-mode BatchNorm statistics, or a
-    mean of an ``(N, C, H, W)`` value over H and W (``x.mean((2, 3), keepdim=True)``, ``AdaptiveAvgPool2d(1)``)."""
+    mean of an ``(N, C, H, W)`` value over H and W (``x.mean((2, 3), keepdim=True)``, ECA's ``x.mean((2, 3))``,
+    ``AdaptiveAvgPool2d(1)``)."""
     if node.op == "call_function" and node.target is batch_statistics:
         return True
     x: Any = node.args[0] if node.args else None
     value, source = node.meta.get("val"), x.meta.get("val") if isinstance(x, fx.Node) else None
     if not (isinstance(value, Tensor) and isinstance(source, Tensor) and source.dim() == 4 and row_dim(x) == 2
-            and tuple(value.shape) == (*source.shape[:2], 1, 1)):
+            and tuple(value.shape) in ((*source.shape[:2], 1, 1), tuple(source.shape[:2]))):
         return False
-    if node.op == "call_method" and node.target == "mean":
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        dims = concrete(dims)
-        return bool(keep and isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3]
+    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function"
+                                                                 and node.target is torch.mean):
+        dims = concrete(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))  # the shape says keepdim
+        return bool(isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3]
                     and not node.kwargs.get("dtype"))
     size: Any = None
     if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.AdaptiveAvgPool2d):

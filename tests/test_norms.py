@@ -343,7 +343,7 @@ def test_streamed_statistics_save_what_materialised_ones_keep() -> None:
 
 
 class SqueezeExcite(nn.Module):
-    """Conv, SE gate (torchvision's AdaptiveAvgPool2d(1) squeeze, or timm's mean over H and W), conv."""
+    """Conv, SE gate (torchvision's AdaptiveAvgPool2d(1) squeeze, timm's mean over H and W, or timm's ECA), conv."""
 
     def __init__(self, squeeze: str) -> None:
         super().__init__()
@@ -351,15 +351,19 @@ class SqueezeExcite(nn.Module):
         self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
         self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
         self.out = nn.Conv2d(16, 4, 3, padding=1)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2(self.conv1(x).relu()).relu()
+        if self.squeeze == "eca":  # timm's EcaModule: no keepdim, a 1-D convolution over channels, expand_as
+            g = self.eca(y.mean((2, 3)).view(y.shape[0], 1, -1)).sigmoid().view(y.shape[0], -1, 1, 1)
+            return self.out(y * g.expand_as(y))
         s = self.pool(y) if self.squeeze == "module" else y.mean((2, 3), keepdim=True)
         return self.out(y * self.fc2(self.fc1(s).relu()).sigmoid())
 
 
 @pytest.mark.parametrize("mode", ["2ps", "overl"])
-@pytest.mark.parametrize("squeeze", ["module", "method"])
+@pytest.mark.parametrize("squeeze", ["module", "method", "eca"])
 def test_squeeze_excitation_mean_is_streamed(squeeze: str, mode: str) -> None:
     shape = (2, 3, 192, 40)
     converted = assert_equivalent(lambda: SqueezeExcite(squeeze), shape, mode=mode, rows=8, train=True)
