@@ -112,6 +112,41 @@ def _broadcasts(user: fx.Node, expanded: fx.Node) -> bool:
         shapes[0].shape == shapes[1].shape == shapes[2].shape)  # type: ignore[union-attr]
 
 
+_SPLIT_FUNCTIONS = {torch.split, torch.functional.split, torch.chunk, torch.tensor_split}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split", "split_with_sizes"}
+
+
+def _channel_splits_as_slices(graph: fx.Graph) -> bool:
+    """``a, b = x.split(k, dim=C)`` -> ``a = x[:, :k]``, ``b = x[:, k:]`` along the channel axis (1 in NCHW, 3
+    in a channels-last block): a split's tuple is not a 4-D value, so it ran whole, ending the region there
+    (timm's CSP stages, MambaOut's gated convolution, Res2Net); a channel slice is row-local. Channel sizes do
+    not depend on the image size, so the rewritten graph holds for every input shape. Returns whether any was."""
+    rewritten = False
+    for node in list(graph.nodes):
+        if not ((node.op == "call_function" and node.target in _SPLIT_FUNCTIONS)
+                or (node.op == "call_method" and node.target in _SPLIT_METHODS)) or not node.args:
+            continue
+        x, parts = node.args[0], node.meta.get("val")
+        if not (isinstance(x, fx.Node) and is_4d(x.meta.get("val")) and isinstance(parts, (tuple, list)) and parts
+                and all(isinstance(p, Tensor) and p.dim() == 4 for p in parts)
+                and all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                        for u in node.users)):
+            continue
+        shape = x.meta["val"].shape
+        dims = {a for p in parts for a in range(4) if p.shape[a] != shape[a]}
+        channel = {2: 1, 1: 3}.get(row_dim(x))
+        if dims != {channel} or sum(p.shape[channel] for p in parts) != shape[channel]:
+            continue
+        starts = [sum(p.shape[channel] for p in parts[:i]) for i in range(len(parts))]
+        for user in list(node.users):
+            i = int(user.args[1]) % len(parts)  # type: ignore[call-overload]
+            index = (*(slice(None),) * channel, slice(starts[i], starts[i] + parts[i].shape[channel]))
+            user.args = (x, index)
+        graph.erase_node(node)
+        rewritten = True
+    return rewritten
+
+
 def _weight_only_nodes(graph: fx.Graph, root: nn.Module, static: dict[fx.Node, Any]) -> set[fx.Node]:
     """Tensors computed from parameters, buffers and constants alone (``FrozenBatchNorm2d``'s scale and shift, a
     layer scale reshaped to ``(1, C, 1, 1)``): they hold no image rows, so they neither run in bands nor end a
@@ -616,6 +651,8 @@ def _build_plan(gm: fx.GraphModule, root: nn.Module, *, mode: str, rows: int, ba
     make_writes_explicit(graph, root)
     _drop_broadcast_expands(graph)
     _set_row_dims(graph)
+    if _channel_splits_as_slices(graph):
+        _set_row_dims(graph)  # the slices' rows: where their input holds them
     static = _static_nodes(graph)
     weight_only = _weight_only_nodes(graph, root, static)
     rules = _row_local_rules(graph, root, batchnorm, static, weight_only)

@@ -596,3 +596,34 @@ def test_tensors_made_from_parameters_run_once_and_keep_the_region_whole(mode: s
     assert len(plan.segments) == 1, describe(plan)  # the gate and the weight no longer cut the region
     # weight tensors between regions of one node, split GroupNorm (planning looped forever on this once)
     assert_equivalent(_std_conv_stack, (2, 3, 192, 40), mode=mode, rows=6, train=True)
+
+
+class _ChannelSplits(nn.Module):
+    """A CSP-style split along channels (NCHW), a chunk, and a MambaOut-style gated block that splits a
+    channels-last tensor along its last axis and convolves one part channels-first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.left = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc1, self.dw, self.fc2 = nn.Linear(8, 16), nn.Conv2d(4, 4, 7, padding=3, groups=4), nn.Linear(8, 8)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).relu()
+        a, b = y.split(4, dim=1)
+        y = torch.cat([self.left(a), b], dim=1)
+        p, q = torch.chunk(y, 2, dim=1)
+        y = torch.cat([q, p.sigmoid()], 1).permute(0, 2, 3, 1)  # (N, H, W, C)
+        g, i, c = torch.split(self.fc1(y), (8, 4, 4), dim=-1)
+        c = self.dw(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = y + self.fc2(F.gelu(g) * torch.cat((i, c), dim=-1))
+        return self.out(y.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_channel_splits_run_in_the_bands(mode: str) -> None:
+    """A split's tuple is no 4-D value: it ran whole and ended the region at every CSP stage and MambaOut block;
+    channel splits are now channel slices, row-local, and the network is one region."""
+    converted = assert_equivalent(_ChannelSplits, (2, 3, 160, 24), mode=mode, rows=5, train=True, tallest=True)
+    plan = plan_for(converted, torch.randn(2, 3, 160, 24, dtype=torch.float64))
+    assert [s for s in plan.steps if isinstance(s, torch.fx.Node) and s.op != "output"] == [], describe(plan)
