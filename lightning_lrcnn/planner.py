@@ -134,7 +134,7 @@ def _channel_splits_as_slices(graph: fx.Graph) -> bool:
             continue
         shape = x.meta["val"].shape
         dims = {a for p in parts for a in range(4) if p.shape[a] != shape[a]}
-        channel = {2: 1, 1: 3}.get(row_dim(x))
+        channel = {2: 1, 1: 3}.get(row_dim(x), -1)
         if dims != {channel} or sum(p.shape[channel] for p in parts) != shape[channel]:
             continue
         starts = [sum(p.shape[channel] for p in parts[:i]) for i in range(len(parts))]
