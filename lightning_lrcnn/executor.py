@@ -25,7 +25,7 @@ from .errors import refuse_double_backward
 from .geometry import RowInterval
 from .norms import batch_statistics, image_statistics, update_running_statistics, var_mean
 from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts, last_cut_readers
-from .rules import is_4d, recomputing, row_dim
+from .rules import image_reduction, is_4d, recomputing, row_dim
 from .trace import fetch_attr
 
 __all__ = ["run_plan", "Progress"]
@@ -539,29 +539,37 @@ class _PrefixRun:
         return [*whole, *(None for _ in self.sums), *(torch.zeros_like(c.token) for c in self.cuts.at.values())]
 
 
-class _StreamedMean(torch.autograd.Function):
-    """The mean over H and W of ``run.prefix``'s output, ``(N, C, 1, 1)``, summed band by band; backward spreads
-    its gradient over each recomputed band (a view: nothing of the output's size is made)."""
+class _StreamedReduction(torch.autograd.Function):
+    """The mean or L2 norm over the image axes of ``run.prefix``'s output (kept as size-1 axes), summed band by
+    band in float64; backward hands each recomputed band its share of the gradient (the mean's: a view, nothing
+    of the output's size is made; the norm's: the band times the gradient over the norm)."""
 
     @staticmethod
-    def forward(ctx: Any, run: _PrefixRun, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, run: _PrefixRun, kind: str, axes: tuple[int, int],  # type: ignore[override]
+                *tensors: Tensor) -> tuple[Tensor, Tensor]:
         total: Any = None
         count, dtype = 0, torch.float32
         with torch.no_grad():
             for i in range(len(run.prefix.bands)):
                 x, _ = run.band(i, run.outside, grad=False)
-                part = x.sum((2, 3), keepdim=True, dtype=torch.float64)
+                part = (x if kind == "mean" else x.square()).sum(axes, keepdim=True, dtype=torch.float64)
                 total = part if total is None else total + part
-                count, dtype = count + x.shape[2] * x.shape[3], x.dtype
-        ctx.run, ctx.count = run, count
-        mean = (total / count).to(dtype)
-        return mean, mean.new_zeros(())  # the token of its cut
+                count, dtype = count + x.shape[axes[0]] * x.shape[axes[1]], x.dtype
+        value = (total / count if kind == "mean" else total.sqrt()).to(dtype)
+        ctx.run, ctx.count, ctx.kind = run, count, kind
+        ctx.save_for_backward(value)
+        return value, value.new_zeros(())  # the token of its cut
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward()
         run, ctx.run = ctx.run, None  # the graph outlives this call: what the prefix read must not
-        return (None, *run.backward(lambda x: (grad / ctx.count).expand_as(x)))
+        (value,) = ctx.saved_tensors
+        if ctx.kind == "mean":
+            share = grad / ctx.count
+            return (None, None, None, *run.backward(lambda x: share.expand_as(x)))
+        scale = torch.where(value == 0, torch.zeros_like(grad), grad / value)  # as torch's norm backward at 0
+        return (None, None, None, *run.backward(lambda x: x.detach() * scale))
 
 
 def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
@@ -570,8 +578,10 @@ def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node,
     input when kept)."""
     run = _PrefixRun(step, env, static, root, progress, index, anchors, cuts)
     if not step.batch_norm:
-        mean, token = _StreamedMean.apply(run, *run.inputs())
-        env[step.stats] = mean.reshape(step.stats.meta["val"].shape)  # (N, C) without keepdim
+        reduction = image_reduction(step.stats, root)
+        assert reduction is not None, step.stats.format_node()
+        value, token = _StreamedReduction.apply(run, *reduction, *run.inputs())
+        env[step.stats] = value.reshape(step.stats.meta["val"].shape)  # without keepdim: the axes dropped
     else:
         mean, rstd, token = _StreamedStatistics.apply(run, *run.inputs())
         env[step.outputs[0]], env[step.outputs[1]] = (mean, rstd) if step.outputs[0].args[1] == 0 else (rstd, mean)

@@ -35,7 +35,7 @@ from .plan import (
     step_reads,
     step_segment,
 )
-from .rules import NodeRule, concrete, is_4d, moved_row_dim, row_dim, rule_for
+from .rules import NodeRule, concrete, image_reduction, is_4d, moved_row_dim, row_dim, rule_for
 from .trace import fetch_attr
 
 __all__ = ["MODES", "band_count", "build_plan", "plain_plan"]
@@ -998,26 +998,8 @@ def _stream_statistics(plan: Plan, root: nn.Module, goal: int | None = None) -> 
 
 def streamable(node: fx.Node, root: nn.Module) -> bool:
     """Whether ``node`` is a reduction that can be streamed band by band: train-mode BatchNorm statistics, or a
-    mean of an ``(N, C, H, W)`` value over H and W (``x.mean((2, 3), keepdim=True)``, ECA's ``x.mean((2, 3))``,
-    ``AdaptiveAvgPool2d(1)``)."""
-    if node.op == "call_function" and node.target is batch_statistics:
-        return True
-    x: Any = node.args[0] if node.args else None
-    value, source = node.meta.get("val"), x.meta.get("val") if isinstance(x, fx.Node) else None
-    if not (isinstance(value, Tensor) and isinstance(source, Tensor) and source.dim() == 4 and row_dim(x) == 2
-            and tuple(value.shape) in ((*source.shape[:2], 1, 1), tuple(source.shape[:2]))):
-        return False
-    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function"
-                                                                 and node.target is torch.mean):
-        dims = concrete(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))  # the shape says keepdim
-        return bool(isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3]
-                    and not node.kwargs.get("dtype"))
-    size: Any = None
-    if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.AdaptiveAvgPool2d):
-        size = root.get_submodule(str(node.target)).output_size
-    elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-    return size in (1, (1, 1), [1, 1])
+    mean or L2 norm over the image (see :func:`~lightning_lrcnn.rules.image_reduction`)."""
+    return (node.op == "call_function" and node.target is batch_statistics) or image_reduction(node, root) is not None
 
 
 def _ancestors(nodes: list[fx.Node], of: fx.Node, stop: frozenset[fx.Node] = frozenset()) -> list[fx.Node]:

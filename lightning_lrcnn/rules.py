@@ -359,11 +359,18 @@ _ELEMENTWISE_FUNCTIONS = {
     operator.imul: operator.mul, operator.itruediv: operator.truediv, operator.neg: operator.neg,
     torch.add: torch.add, torch.sub: torch.sub, torch.mul: torch.mul, torch.div: torch.div,
     torch.maximum: torch.maximum, torch.minimum: torch.minimum, torch.where: torch.where,
+    operator.pow: operator.pow, operator.ipow: operator.pow, torch.pow: torch.pow, torch.true_divide: torch.div,
+    torch.addcmul: torch.addcmul, torch.addcdiv: torch.addcdiv, torch.lerp: torch.lerp,  # ConvNeXt-V2's GRN
+    torch.sqrt: torch.sqrt, torch.rsqrt: torch.rsqrt, torch.square: torch.square, torch.reciprocal: torch.reciprocal,
+    torch.erf: torch.erf, torch.log: torch.log, torch.sign: torch.sign, torch.sin: torch.sin, torch.cos: torch.cos,
+    torch.clamp_min: torch.clamp_min, torch.clamp_max: torch.clamp_max, torch.clip: torch.clip,
     normalize: normalize,  # GroupNorm / InstanceNorm after their statistics (see .norms)
 }
 _POINTWISE_METHODS = {
     "relu", "sigmoid", "tanh", "add", "sub", "mul", "div", "neg", "clamp", "abs", "exp", "contiguous",
-    "float", "double", "half", "bfloat16", "clone", "to", "type_as",
+    "float", "double", "half", "bfloat16", "clone", "to", "type_as", "pow", "sqrt", "rsqrt", "square",
+    "reciprocal", "erf", "log", "sign", "sin", "cos", "addcmul", "addcdiv", "lerp", "clamp_min", "clamp_max",
+    "clip", "maximum", "minimum",
 }
 
 
@@ -597,6 +604,47 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 _WINDOW_FUNCTIONS = (F.conv2d, torch.conv2d, F.conv_transpose2d, torch.conv_transpose2d, F.max_pool2d, F.avg_pool2d,
                      torch._C._nn.avg_pool2d, F.interpolate, F.pad, F.batch_norm)
+
+
+def image_reduction(node: fx.Node, root: nn.Module) -> tuple[str, tuple[int, int]] | None:
+    """``("mean" | "norm", spatial axes)`` where ``node`` reduces a 4-D value over its two image axes (those
+    of the rows and the columns: ``(2, 3)``, or ``(1, 2)`` in a channels-last block), else None: a
+    squeeze-excitation squeeze (``x.mean((2, 3), keepdim=True)``, ECA's ``x.mean((2, 3))``,
+    ``AdaptiveAvgPool2d(1)``) or ConvNeXt-V2's global response norm (``x.norm(p=2, dim=(1, 2), keepdim=True)``,
+    ``torch.linalg.vector_norm``). Such a reduction can be accumulated band by band."""
+    x: Any = node.args[0] if node.args else node.kwargs.get("input")
+    value, source = node.meta.get("val"), _val(x) if isinstance(x, fx.Node) else None
+    if not (isinstance(value, Tensor) and isinstance(source, Tensor) and source.dim() == 4 and row_dim(x) in (1, 2)
+            and not node.kwargs.get("dtype")):
+        return None
+    axes = (1, 2) if row_dim(x) == 1 else (2, 3)
+    kept = tuple(1 if a in axes else n for a, n in enumerate(source.shape))
+    if tuple(value.shape) not in (kept, tuple(n for a, n in enumerate(source.shape) if a not in axes)):
+        return None
+    size: Any = None
+    if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.AdaptiveAvgPool2d):
+        size = root.get_submodule(str(node.target)).output_size
+        return ("mean", axes) if axes == (2, 3) and size in (1, (1, 1), [1, 1]) else None
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return ("mean", axes) if axes == (2, 3) and size in (1, (1, 1), [1, 1]) else None
+    method = node.op == "call_method"
+    if (method and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
+        kind, dims = "mean", node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    elif (method and node.target == "norm") or (node.op == "call_function" and node.target is torch.norm):
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", "fro")
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        kind = "norm" if p in (2, 2.0, "fro") else ""
+    elif node.op == "call_function" and node.target is torch.linalg.vector_norm:
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        kind = "norm" if p in (2, 2.0) else ""
+    else:
+        return None
+    dims = concrete(dims)  # the output's shape says keepdim
+    if not kind or not isinstance(dims, (list, tuple)) or tuple(sorted(int(d) % 4 for d in dims)) != axes:
+        return None
+    return kind, axes
 
 
 def rule_for(node: fx.Node, root: nn.Module, batchnorm: str) -> NodeRule | None:

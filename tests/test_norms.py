@@ -343,7 +343,8 @@ def test_streamed_statistics_save_what_materialised_ones_keep() -> None:
 
 
 class SqueezeExcite(nn.Module):
-    """Conv, SE gate (torchvision's AdaptiveAvgPool2d(1) squeeze, timm's mean over H and W, or timm's ECA), conv."""
+    """Conv, SE gate (torchvision's AdaptiveAvgPool2d(1) squeeze, timm's mean over H and W, or timm's ECA) or
+    ConvNeXt-V2's global response norm (an L2 norm over H and W), conv."""
 
     def __init__(self, squeeze: str) -> None:
         super().__init__()
@@ -352,19 +353,29 @@ class SqueezeExcite(nn.Module):
         self.pool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
         self.out = nn.Conv2d(16, 4, 3, padding=1)
         self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.gamma = nn.Parameter(torch.randn(16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2(self.conv1(x).relu()).relu()
         if self.squeeze == "eca":  # timm's EcaModule: no keepdim, a 1-D convolution over channels, expand_as
             g = self.eca(y.mean((2, 3)).view(y.shape[0], 1, -1)).sigmoid().view(y.shape[0], -1, 1, 1)
             return self.out(y * g.expand_as(y))
+        if self.squeeze == "grn":  # ConvNeXt-V2's global response norm (timm, NCHW)
+            n = y.norm(p=2, dim=(2, 3), keepdim=True)
+            n = n / (n.mean(dim=1, keepdim=True) + 1e-6)
+            return self.out(y + torch.addcmul(self.fc2.bias.view(1, -1, 1, 1), self.gamma.view(1, -1, 1, 1), y * n))
+        if self.squeeze == "grn_channels_last":  # the same in a channels-last block (Hugging Face's)
+            t = y.permute(0, 2, 3, 1)
+            n = torch.linalg.vector_norm(t, ord=2, dim=(1, 2), keepdim=True)
+            t = t + self.gamma * (t * (n / (n.mean(dim=-1, keepdim=True) + 1e-6)))
+            return self.out(t.permute(0, 3, 1, 2))
         s = self.pool(y) if self.squeeze == "module" else y.mean((2, 3), keepdim=True)
         return self.out(y * self.fc2(self.fc1(s).relu()).sigmoid())
 
 
 @pytest.mark.parametrize("mode", ["2ps", "overl"])
-@pytest.mark.parametrize("squeeze", ["module", "method", "eca"])
-def test_squeeze_excitation_mean_is_streamed(squeeze: str, mode: str) -> None:
+@pytest.mark.parametrize("squeeze", ["module", "method", "eca", "grn", "grn_channels_last"])
+def test_squeeze_excitation_and_response_norm_reductions_are_streamed(squeeze: str, mode: str) -> None:
     shape = (2, 3, 192, 40)
     converted = assert_equivalent(lambda: SqueezeExcite(squeeze), shape, mode=mode, rows=8, train=True)
     plan = plan_for(converted, torch.randn(shape, dtype=torch.float64))
