@@ -61,6 +61,12 @@ def _smp_unet() -> nn.Module:
     return smp.Unet(encoder_name="resnet34", encoder_weights=None, classes=2)
 
 
+def _fpn_resnet50() -> nn.Module:
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    return resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5)
+
+
 def _own_unet() -> nn.Module:
     from lightning_lrcnn.models import UNet
 
@@ -84,6 +90,10 @@ NETWORKS: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
     "timm_regnety_008": ("timm regnety_008", _timm("regnety_008"), "frozen"),
     "timm_resnet50": ("timm resnet50", _timm("resnet50"), "frozen"),
     "timm_resnet50_train": ("timm resnet50", _timm("resnet50"), "train"),
+    "timm_ecaresnet50d": ("timm ecaresnet50d", _timm("ecaresnet50d"), "frozen"),
+    "timm_convnextv2_nano": ("timm convnextv2_nano", _timm("convnextv2_nano"), "-"),
+    "timm_mambaout_femto": ("timm mambaout_femto", _timm("mambaout_femto"), "-"),
+    "tv_fpn_resnet50": ("torchvision resnet50 FPN backbone (FrozenBatchNorm2d)", _fpn_resnet50, "frozen"),
     "smp_unet_resnet34": ("smp Unet (resnet34 encoder)", _smp_unet, "frozen"),
     "unet_train": ("lightning_lrcnn UNet", _own_unet, "train"),
 }
@@ -98,9 +108,8 @@ RETAINED_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
 def _loss(out: Any) -> torch.Tensor:
-    t = out if isinstance(out, torch.Tensor) else next(v for v in torch.utils._pytree.tree_flatten(out)[0]
-                                                          if isinstance(v, torch.Tensor))
-    return t.float().pow(2).mean()
+    leaves = [v for v in torch.utils._pytree.tree_leaves(out) if isinstance(v, torch.Tensor)]  # an FPN's dict
+    return sum((t.float().pow(2).mean() for t in leaves), torch.zeros(()))
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
