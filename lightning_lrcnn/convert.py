@@ -50,6 +50,7 @@ class _State:
     # per (training, hooked) of each submodule
     traces: dict[tuple[tuple[bool, bool], ...], tuple[fx.GraphModule, ...]] = field(default_factory=dict)
     plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
+    untraceable: set[str] = field(default_factory=set)  # submodules said to run whole, said once
 
 
 def _check_config(mode: Any, rows: Any, batchnorm: Any) -> None:
@@ -212,6 +213,12 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
             if hooked:
                 log.warning("%s: submodules with hooks run whole, not in bands (their hooks see the whole tensors, "
                             "as in the plain model): %s", type(module).__name__, ", ".join(_outermost(hooked)))
+            untraceable = {k: v for k, v in gm.meta.get("untraceable", {}).items() if k not in state.untraceable}
+            if untraceable:
+                state.untraceable.update(untraceable)
+                log.warning("%s: submodules torch.fx cannot trace run whole, not in bands (pass them in leaf_modules "
+                            "to silence this): %s", type(module).__name__,
+                            "; ".join(f"{k} ({v})" for k, v in untraceable.items()))
             draw_gates_globally(gm)
             split = split_image_norms(gm, cfg.batchnorm)
             graphs = (gm,) if split is None else (gm, split)

@@ -14,6 +14,8 @@ class RowCentricError(Exception):
 class TraceError(RowCentricError, TypeError):
     """The module cannot be traced with torch.fx; the message names the remedy (``leaf_modules``...)."""
 
+    submodule = ""  # the qualified name of the innermost submodule that failed ("" for the module itself)
+
 
 class PlanError(RowCentricError, ValueError):
     """The module or input cannot be planned row-centric; the message names the node or argument."""

@@ -163,7 +163,9 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Se
     """Trace ``module`` with torch.fx; the GraphModule shares the module's submodules and parameters.
 
     Where the forward's control flow reads shapes, and ``inputs`` are given, the module is traced again for
-    their shapes (``gm.meta["shapes"]`` then says which; the graph holds for those only).
+    their shapes (``gm.meta["shapes"]`` then says which; the graph holds for those only). A submodule that
+    still cannot be traced (control flow on tensor data, ...) becomes a leaf that runs whole, as one global op,
+    exactly as in the plain model: ``gm.meta["untraceable"]`` maps its name to the reason.
 
     Raises:
         TraceError: the module cannot be traced; the message names the failing submodule and the remedy.
@@ -174,13 +176,29 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Se
     except TraceError:
         if inputs is None:
             raise
-        shapes = [tuple(a.shape) if isinstance(a, Tensor) else a for a in inputs]
-        with _state_kept(module):
-            gm = _trace(module, _ShapeTracer(leaf_modules, autowrap_functions, inputs), f" for input shapes {shapes}")
-        gm.meta["shapes"] = shapes
-        log.info("%s has shape-dependent control flow: traced for input shapes %s", type(module).__name__,
-                 gm.meta["shapes"])
-        return gm
+    shapes = [tuple(a.shape) if isinstance(a, Tensor) else a for a in inputs]
+    leaves, untraceable = list(leaf_modules), dict[str, TraceError]()
+    while True:
+        try:
+            with _state_kept(module):
+                gm = _trace(module, _ShapeTracer(leaves, autowrap_functions, inputs), f" for input shapes {shapes}")
+            break
+        except TraceError as exc:
+            name = exc.submodule
+            if name in untraceable:  # it fails as a leaf too: its own error, from before it was one
+                raise untraceable[name] from None
+            if not name or len(untraceable) >= _MOST_UNTRACEABLE:
+                raise
+            untraceable[name] = exc
+            leaves.append(name)
+    gm.meta["shapes"] = shapes
+    gm.meta["untraceable"] = {name: str(exc.__cause__) for name, exc in untraceable.items()}
+    log.info("%s has shape-dependent control flow: traced for input shapes %s", type(module).__name__,
+             gm.meta["shapes"])
+    return gm
+
+
+_MOST_UNTRACEABLE = 32  # submodules made leaves before the trace is given up
 
 
 def _trace(module: nn.Module, tracer: _Tracer, shapes: str = "") -> fx.GraphModule:
@@ -194,15 +212,24 @@ def _trace(module: nn.Module, tracer: _Tracer, shapes: str = "") -> fx.GraphModu
         if tracer.failed_in:  # its type covers every block of that type, where a network repeats it
             cls = type(module.get_submodule(tracer.failed_in))
             kind = f"a module name, or its type {cls.__module__}.{cls.__qualname__} for every such module"
-        raise TraceError(
+        error = TraceError(
             f"cannot trace {type(module).__name__} with torch.fx{shapes}{where}: {type(exc).__name__}: {exc}. "
             f"Remedy: pass leaf_modules=[{hint}] ({kind}; it then runs as one global op on the "
-            "full tensor) or autowrap_functions=[fn] for a free function with data-dependent control flow."
-        ) from exc
+            "full tensor) or autowrap_functions=[fn] for a free function with data-dependent control flow.")
+        error.submodule = tracer.failed_in if tracer.failed_in and _is_submodule(module, tracer.failed_in) else ""
+        raise error from exc
     finally:
         for m, training in modes.items():
             m.train(training)
     return fx.GraphModule(module, graph, class_name=type(module).__name__ + "Traced")
+
+
+def _is_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -158,9 +159,31 @@ class _Wrapper(nn.Module):
         return self.block(self.stem(x))
 
 
-def test_untraceable_module_names_the_submodule_and_remedy() -> None:
-    model = to_row_centric(_Wrapper(), mode="2ps", rows=2)
-    with pytest.raises(TraceError, match=r"submodule 'block'.*leaf_modules=\['block'\].*its type [\w.]*_DataDependent"):
+def test_untraceable_submodules_run_whole_and_are_named_once(caplog: pytest.LogCaptureFixture,
+                                                            banded_anyway: None) -> None:
+    with caplog.at_level(logging.WARNING, logger="lightning_lrcnn"):
+        converted = assert_equivalent(_Wrapper, (1, 3, 16, 12), mode="overl", rows=3)
+        converted(torch.randn(1, 3, 20, 12, dtype=torch.float64))  # another shape: traced again, not said again
+    said = [r.getMessage() for r in caplog.records if "cannot trace" in r.getMessage()]
+    assert len(said) == 1 and "block (control flow depends on tensor data" in said[0], said
+    plan = plan_for(converted, torch.randn(1, 3, 16, 12, dtype=torch.float64))
+    assert [v.target for v in plan.steps if isinstance(v, torch.fx.Node) and v.op == "call_module"] == ["block"]
+
+
+class _RootDataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y  # the module's own forward: nothing to make a leaf of
+
+
+def test_untraceable_module_names_the_remedy() -> None:
+    model = to_row_centric(_RootDataDependent(), mode="2ps", rows=2)
+    with pytest.raises(TraceError, match=r"cannot trace _RootDataDependent.*control flow depends on tensor data.*"
+                                         r"Remedy: pass leaf_modules=\['name.of.submodule'\]"):
         model(torch.randn(1, 3, 8, 8))
     assert not isinstance(TraceError("x"), AssertionError)
 
