@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +50,26 @@ class _State:
     traces: dict[tuple[tuple[bool, bool], ...], tuple[fx.GraphModule, ...]] = field(default_factory=dict)
     plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     untraceable: set[str] = field(default_factory=set)  # submodules said to run whole, said once
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A copy (``copy.deepcopy``, an EMA model, ``torch.save``) keeps the configuration and traces afresh:
+        traces and plans refer to this module's graph nodes and submodules, not the copy's."""
+        return (_State, (self.config,))
+
+
+class _Forward:
+    """The converted module's ``forward``: an object rather than a bound method, so the module deep-copies and
+    pickles with it (a copy runs its own parameters, row-centric)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what inspect.signature(module.forward) says of the plain one
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _row_centric_forward(self.module, *args, **kwargs)
 
 
 def _check_config(mode: Any, rows: Any, batchnorm: Any) -> None:
@@ -126,7 +145,7 @@ def to_row_centric(
     if is_row_centric(module):
         restore(module)
     module.__dict__[_ATTR] = _State(config)
-    module.forward = types.MethodType(_row_centric_forward, module)  # type: ignore[method-assign]
+    module.forward = _Forward(module)  # type: ignore[method-assign]
     return module
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 
 import pytest
@@ -650,3 +651,32 @@ def test_channel_splits_run_in_the_bands(mode: str) -> None:
     converted = assert_equivalent(_ChannelSplits, (2, 3, 160, 24), mode=mode, rows=5, train=True, tallest=True)
     plan = plan_for(converted, torch.randn(2, 3, 160, 24, dtype=torch.float64))
     assert [s for s in plan.steps if isinstance(s, torch.fx.Node) and s.op != "output"] == [], describe(plan)
+
+
+def test_copies_and_pickles_run_their_own_parameters_row_centric(banded_anyway: None) -> None:
+    """An EMA model (timm's ModelEmaV2 deep-copies the model), ``copy.deepcopy`` and ``torch.save`` of a converted
+    module that has run: the copy is converted, plans afresh and reads its own parameters."""
+    import io
+
+    plain = torchvision.models.resnet18(weights=None).double().eval()
+    converted = to_row_centric(copy.deepcopy(plain), mode="overl", rows=4)
+    x = torch.randn(1, 3, 96, 64, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), plain(x))
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(converted), torch.load(buffer, weights_only=False)):
+        assert is_row_centric(copied) and row_centric_config(copied) == row_centric_config(converted)
+        with torch.no_grad():
+            for p in copied.parameters():
+                p.mul_(0.5)
+        expected = copy.deepcopy(plain)
+        with torch.no_grad():
+            for p in expected.parameters():
+                p.mul_(0.5)
+        with ConvHeights(copied) as heights:
+            torch.testing.assert_close(copied(x), expected(x))
+        assert heights.conv["conv1.weight"] < 96, "the copy ran its stem on bands"
+        assert plan_for(copied, x).graph is not plan_for(converted, x).graph
+        torch.testing.assert_close(converted(x), plain(x))  # the original is untouched
+    assert inspect.signature(converted.forward) == inspect.signature(plain.forward)
