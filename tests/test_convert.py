@@ -680,3 +680,39 @@ def test_copies_and_pickles_run_their_own_parameters_row_centric(banded_anyway: 
         assert plan_for(copied, x).graph is not plan_for(converted, x).graph
         torch.testing.assert_close(converted(x), plain(x))  # the original is untouched
     assert inspect.signature(converted.forward) == inspect.signature(plain.forward)
+
+
+class _Checkpointed(nn.Module):
+    """Blocks run under torch.utils.checkpoint, as timm's ``set_grad_checkpointing(True)`` runs its stages."""
+
+    def __init__(self, checkpointed: bool = True) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()) for c in (3, 8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return x
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_gradient_checkpointing_inside_the_module_is_traced_through(mode: str, banded_anyway: None) -> None:
+    """The bands recompute in backward themselves: a checkpoint inside the module is traced through, so train-mode
+    BatchNorm moves its running statistics once per step, as the plain model without checkpointing does (the plain
+    model with checkpointing moves them again when it recomputes)."""
+    plain = _Checkpointed(checkpointed=False).double().train()
+    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=3)
+    converted.checkpointed = True
+    x = torch.randn(2, 3, 24, 16, dtype=torch.float64)
+    outs = []
+    for model in (plain, converted):
+        xi = x.clone().requires_grad_()
+        with ConvHeights(model) as heights:
+            y = model(xi)
+            y.backward(torch.ones_like(y))
+        outs.append((y, xi.grad, {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers())))
+    assert min(heights.conv.values()) < 24, "bands ran"
+    torch.testing.assert_close(outs[1], outs[0])
+    assert int(converted.blocks[1][1].num_batches_tracked) == 1
