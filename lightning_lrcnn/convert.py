@@ -50,6 +50,7 @@ class _State:
     traces: dict[tuple[tuple[bool, bool], ...], tuple[fx.GraphModule, ...]] = field(default_factory=dict)
     plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     untraceable: set[str] = field(default_factory=set)  # submodules said to run whole, said once
+    initialized: bool = False  # no lazy module left (see _initialize_lazy)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """A copy (``copy.deepcopy``, an EMA model, ``torch.save``) keeps the configuration and traces afresh:
@@ -195,9 +196,34 @@ def cached_plans(module: nn.Module) -> list[Plan]:
 def plan_for(module: nn.Module, *args: Any, **kwargs: Any) -> Plan:
     """The plan a converted ``module`` uses for these inputs (built and cached on first use)."""
     state: _State = module.__dict__[_ATTR]
+    _initialize_lazy(module, state, args, kwargs)
     inputs = _bind_inputs(module, args, kwargs)
     with _batchnorm_frozen(module, state.config.batchnorm == "freeze"):
         return _plan(module, state, inputs)
+
+
+def _initialize_lazy(module: nn.Module, state: _State, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Lazy modules (``nn.LazyConv2d``, ``nn.LazyLinear``...) take their shapes from their first input: run the
+    plain forward once, without gradients and in eval mode (no statistics moved, no dropout drawn), so they have
+    them before the module is traced and planned."""
+    if state.initialized:
+        return
+    lazy = [name for name, t in (*module.named_parameters(), *module.named_buffers())
+            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if not lazy:
+        state.initialized = True
+        return
+    log.info("%s: initialising lazy %s with one plain forward without gradients", type(module).__name__,
+             ", ".join(lazy))
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        with torch.no_grad():
+            type(module).forward(module, *args, **kwargs)
+        state.initialized = True
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
@@ -309,6 +335,7 @@ def _batchnorm_frozen(module: nn.Module, frozen: bool) -> Iterator[None]:
 
 def _row_centric_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _State = self.__dict__[_ATTR]
+    _initialize_lazy(self, state, args, kwargs)
     inputs = _bind_inputs(self, args, kwargs)
     with _batchnorm_frozen(self, state.config.batchnorm == "freeze"):
         plan = _plan(self, state, inputs)

@@ -716,3 +716,31 @@ def test_gradient_checkpointing_inside_the_module_is_traced_through(mode: str, b
     assert min(heights.conv.values()) < 24, "bands ran"
     torch.testing.assert_close(outs[1], outs[0])
     assert int(converted.blocks[1][1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_lazy_modules_are_initialized_before_tracing(train: bool, banded_anyway: None) -> None:
+    """LazyConv2d / LazyBatchNorm2d / LazyLinear get their shapes from one plain forward without gradients in eval
+    mode (no statistics moved), then run in bands; the plain twin, initialized the same way, matches."""
+    def make() -> nn.Module:
+        return nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(),
+                             nn.LazyConv2d(4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(3))
+
+    x = torch.randn(2, 3, 24, 16, dtype=torch.float64)
+    torch.manual_seed(0)
+    converted = to_row_centric(make().double().train(train), mode="overl", rows=3)
+    plan_for(converted, x)  # initializes them too
+    with ConvHeights(converted) as heights:
+        converted(x).sum().backward()
+    torch.manual_seed(0)
+    plain = make().double().train(train)
+    with torch.no_grad():
+        plain.eval()(x)  # the same initialization
+    plain.train(train)
+    plain(x).sum().backward()
+    assert type(converted[0]) is nn.Conv2d and min(heights.conv.values()) < 24
+    for (name, p), q in zip(converted.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    torch.testing.assert_close(dict(converted.named_buffers()), dict(plain.named_buffers()))
+    assert int(converted[1].num_batches_tracked) == int(train)
