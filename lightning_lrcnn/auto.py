@@ -352,6 +352,9 @@ def choose_plan(
             f"no candidate fits memory_budget={budget / MIB:.1f} MiB: {found}. Remedy: raise memory_budget, lower "
             "the batch size or image size, add candidates with more rows, or use batchnorm='freeze'.")
     best = min(fitting, key=lambda r: r.seconds or 0.0)
+    column = measured.get(Candidate("column"))
+    if best.ran_plain and column is not None and column.fits:  # the same step as the plain model's: say so
+        best = column
     _apply(targets, best.candidate, batchnorm, kwargs)
     choice = Choice(best.candidate, results, budget, kwargs.get("memory_budget"))
     log.info("lrcnn choice:\n%s", choice.report())

@@ -151,6 +151,24 @@ def test_candidates_that_run_as_usual_take_the_plain_models_figures(monkeypatch:
         assert "within memory_budget" in r.note and "the plain model's figures" in r.note
 
 
+def test_the_plain_model_is_chosen_over_candidates_that_ran_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under autocast nothing is estimated, so candidates that run as usual are measured like the others; the
+    fastest of them by noise is still the plain model's step, and the choice says so: column."""
+    times = iter([2.0] + [1.0] * 100)  # the plain model measured slowest
+    monkeypatch.setattr("lightning_lrcnn.auto.time_call", lambda fn, device, repeats=1: next(times))
+    model, x = _net().eval(), torch.randn(1, 3, 64, 64)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        y.float().sum().backward()
+
+    choice = choose_plan([model], step, memory_budget=2**40, candidates=(Candidate("column"), Candidate("2ps", 2)))
+    ran = choice.result(Candidate("2ps", 2))
+    assert ran is not None and ran.ran_plain and ran.estimate_bytes is None, ran.row()
+    assert choice.best == Candidate("column") and not is_row_centric(model)
+
+
 def test_plans_spend_the_budget_and_fall_back_to_their_smallest_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Candidates are planned to spend ``PLAN_GOAL_FRACTION`` of the budget on time (the chosen module keeps that
     planning); where none of them then fits, they are measured again as planned for their smallest peaks."""
