@@ -191,8 +191,17 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Se
                 raise
             untraceable[name] = exc
             leaves.append(name)
+    reasons = {name: str(exc.__cause__) for name, exc in untraceable.items()}
+    if untraceable:  # with those as leaves, the graph may hold for every shape
+        try:
+            with _state_kept(module):
+                general = _trace(module, _Tracer(leaves, autowrap_functions))
+            general.meta["untraceable"] = reasons
+            return general
+        except TraceError:
+            pass
     gm.meta["shapes"] = shapes
-    gm.meta["untraceable"] = {name: str(exc.__cause__) for name, exc in untraceable.items()}
+    gm.meta["untraceable"] = reasons
     log.info("%s has shape-dependent control flow: traced for input shapes %s", type(module).__name__,
              gm.meta["shapes"])
     return gm
