@@ -209,7 +209,7 @@ def _initialize_lazy(module: nn.Module, state: _State, args: tuple[Any, ...], kw
     if state.initialized:
         return
     lazy = [name for name, t in (*module.named_parameters(), *module.named_buffers())
-            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+            if nn.parameter.is_lazy(t)]
     if not lazy:
         state.initialized = True
         return
