@@ -46,8 +46,9 @@ class RowCentricConfig:
 @dataclass
 class _State:
     config: RowCentricConfig
-    # per (training, hooked) of each submodule
-    traces: dict[tuple[tuple[bool, bool], ...], tuple[fx.GraphModule, ...]] = field(default_factory=dict)
+    # per (training, hooked) of each submodule, and the forward's arguments that are None
+    traces: dict[tuple[tuple[tuple[bool, bool], ...], tuple[str, ...]], tuple[fx.GraphModule, ...]] = field(
+        default_factory=dict)
     plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     untraceable: set[str] = field(default_factory=set)  # submodules said to run whole, said once
     initialized: bool = False  # no lazy module left (see _initialize_lazy)
@@ -245,7 +246,11 @@ def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
     # a submodule's hooks make it a leaf that runs whole: a hook added or removed means another trace
-    modes = tuple((m.training, bool(name) and has_hooks(m)) for name, m in module.named_modules())
+    flags = tuple((m.training, bool(name) and has_hooks(m)) for name, m in module.named_modules())
+    # arguments left None (``mask=None``) specialise the graph: ``if mask is not None`` is not traced on a proxy
+    names = list(inspect.signature(type(module).forward).parameters)[1:]
+    nones = tuple(name for name, v in zip(names, inputs, strict=False) if v is None)
+    modes = (flags, nones)
     key = (modes, tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else repr(v) for v in inputs),
            torch.is_autocast_enabled())
     plan = state.plans.get(key)
@@ -253,7 +258,7 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
         cfg = state.config
         graphs = state.traces.get(modes)
         if graphs is None:
-            gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs)
+            gm = trace(module, cfg.leaf_modules, cfg.autowrap_functions, inputs, nones)
             hooked = [name for name, m in module.named_modules() if name and has_hooks(m)]
             if hooked:
                 log.warning("%s: submodules with hooks run whole, not in bands (their hooks see the whole tensors, "

@@ -159,8 +159,11 @@ class _SizedProxy(fx.Proxy):
 
 
 def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Sequence[Callable[..., Any]] = (),
-          inputs: Sequence[Any] | None = None) -> fx.GraphModule:
+          inputs: Sequence[Any] | None = None, none_inputs: Sequence[str] = ()) -> fx.GraphModule:
     """Trace ``module`` with torch.fx; the GraphModule shares the module's submodules and parameters.
+
+    ``none_inputs`` are the forward's arguments that are None for this call: the graph is specialised to them
+    (``if mask is not None`` takes the branch the call takes; a guard in the graph refuses another value).
 
     Where the forward's control flow reads shapes, and ``inputs`` are given, the module is traced again for
     their shapes (``gm.meta["shapes"]`` then says which; the graph holds for those only). A submodule that
@@ -172,7 +175,7 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Se
     """
     try:
         with _state_kept(module):  # what a forward does to real tensors while traced is not a step
-            return _trace(module, _Tracer(leaf_modules, autowrap_functions))
+            return _trace(module, _Tracer(leaf_modules, autowrap_functions), none_inputs=none_inputs)
     except TraceError:
         if inputs is None:
             raise
@@ -181,7 +184,8 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Se
     while True:
         try:
             with _state_kept(module):
-                gm = _trace(module, _ShapeTracer(leaves, autowrap_functions, inputs), f" for input shapes {shapes}")
+                gm = _trace(module, _ShapeTracer(leaves, autowrap_functions, inputs), f" for input shapes {shapes}",
+                            none_inputs)
             break
         except TraceError as exc:
             name = exc.submodule
@@ -195,7 +199,7 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Se
     if untraceable:  # with those as leaves, the graph may hold for every shape
         try:
             with _state_kept(module):
-                general = _trace(module, _Tracer(leaves, autowrap_functions))
+                general = _trace(module, _Tracer(leaves, autowrap_functions), none_inputs=none_inputs)
             general.meta["untraceable"] = reasons
             return general
         except TraceError:
@@ -210,10 +214,10 @@ def trace(module: nn.Module, leaf_modules: LeafSpec = (), autowrap_functions: Se
 _MOST_UNTRACEABLE = 32  # submodules made leaves before the trace is given up
 
 
-def _trace(module: nn.Module, tracer: _Tracer, shapes: str = "") -> fx.GraphModule:
+def _trace(module: nn.Module, tracer: _Tracer, shapes: str = "", none_inputs: Sequence[str] = ()) -> fx.GraphModule:
     modes = {m: m.training for m in module.modules()}
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=dict.fromkeys(none_inputs) or None)
     except Exception as exc:
         where = f" in submodule {tracer.failed_in!r}" if tracer.failed_in else ""
         hint = repr(tracer.failed_in) if tracer.failed_in else "'name.of.submodule'"

@@ -746,3 +746,33 @@ def test_lazy_modules_are_initialized_before_tracing(train: bool, banded_anyway:
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     torch.testing.assert_close(dict(converted.named_buffers()), dict(plain.named_buffers()))
     assert int(converted[1].num_batches_tracked) == int(train)
+
+
+class _OptionalInputs(nn.Module):
+    """A second image and a mask that may be None, a keyword-only scale: ``if mask is not None`` is decided by
+    the call, not by the tracer's proxy (which is never None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1)
+        self.c = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, rgb: torch.Tensor, depth: torch.Tensor | None = None, *, scale: float = 1.0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.relu(self.a(rgb))
+        y = torch.cat([y, F.relu(self.b(depth)) if depth is not None else torch.zeros_like(y)], 1)
+        y = self.c(y) * scale
+        return y * mask if mask is not None else y
+
+
+@pytest.mark.parametrize("mode", ["2ps", "overl"])
+def test_inputs_left_none_take_the_branch_the_call_takes(mode: str, banded_anyway: None) -> None:
+    plain = _OptionalInputs().double()
+    converted = to_row_centric(copy.deepcopy(plain), mode=mode, rows=3)
+    rgb, depth, mask = (torch.randn(2, c, 24, 16, dtype=torch.float64) for c in (3, 1, 1))
+    calls = [{"mask": mask, "depth": depth}, {}, {"depth": depth, "scale": 2.0}, {"mask": mask}, {"depth": depth}]
+    for kwargs in calls:  # a None after a tensor in the same argument, and the other way round
+        with ConvHeights(converted) as heights:
+            got = converted(rgb, **kwargs)
+        torch.testing.assert_close(got, plain(rgb, **kwargs), msg=lambda m, k=kwargs: f"{sorted(k)}: {m}")
+        assert heights.conv["a.weight"] < 24, "bands ran"
