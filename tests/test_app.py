@@ -95,9 +95,10 @@ def test_large_images_run_uint8_through_a_normalising_backbone(tmp_path: Path) -
     assert (out / "summary.md").is_file()
 
 
-@pytest.mark.parametrize(("make", "message"), [
+@pytest.mark.parametrize(("make", "message"), [  # the readers' errors: test_large_images.py; here, the app's line
     (lambda d: d / "missing.tif", "missing.tif: no such file"),
-    (lambda d: (d / "x.tif").write_bytes(b"not a tiff at all") and d / "x.tif", "x.tif: cannot read it"),
+    pytest.param(lambda d: (d / "x.tif").write_bytes(b"not a tiff at all") and d / "x.tif", "x.tif: cannot read it",
+                 marks=pytest.mark.slow),
     (lambda d: d, "crop 64 is larger than the image"),
 ])
 def test_large_images_bad_input_is_one_clear_line(make, message: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
