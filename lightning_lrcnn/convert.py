@@ -266,9 +266,12 @@ def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
             untraceable = {k: v for k, v in gm.meta.get("untraceable", {}).items() if k not in state.untraceable}
             if untraceable:
                 state.untraceable.update(untraceable)
+                by_reason: dict[str, list[str]] = {}
+                for name, reason in untraceable.items():
+                    by_reason.setdefault(reason, []).append(name)
                 log.warning("%s: submodules torch.fx cannot trace run whole, not in bands (pass them in leaf_modules "
                             "to silence this): %s", type(module).__name__,
-                            "; ".join(f"{k} ({v})" for k, v in untraceable.items()))
+                            "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items()))
             draw_gates_globally(gm)
             split = split_image_norms(gm, cfg.batchnorm)
             graphs = (gm,) if split is None else (gm, split)
