@@ -85,6 +85,7 @@ def _large_images(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # the Hydra run end to end; the data module and the uint8 normalisation: test_large_images.py
 def test_large_images_run_uint8_through_a_normalising_backbone(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = _run(["data=large_images", f"data.path={_large_images(tmp_path / 'data')}", "data.num_classes=2",
@@ -166,7 +167,7 @@ def test_multirun_and_sweep_summary(tmp_path: Path) -> None:
     (["data=folder", "data.path=/nonexistent/slides", "data.num_classes=2"], "no such folder"),
     (["model=vgg16", "data.image_size=16"], "data.image_size=16 does not fit model=vgg16"),
     (["model=unet", "data.image_size=36"], "data.image_size=36 does not fit model=unet"),
-    (["model=alexnet"], "Could not find 'model/alexnet'"),
+    pytest.param(["model=alexnet"], "Could not find 'model/alexnet'", marks=pytest.mark.slow),
 ])
 def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = _run([f"hydra.run.dir={tmp_path / 'bad'}", "trainer.max_steps=1", *args], tmp_path)

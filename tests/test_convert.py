@@ -378,6 +378,7 @@ def test_deep_parts_of_one_band_are_not_cut_into_pieces_kept_plain() -> None:
     assert len(kept) <= 2, describe(plan)
 
 
+@pytest.mark.slow  # a measured VGG-16 at 320², twice
 def test_more_2ps_bands_do_not_raise_the_peak() -> None:
     """2PS keeps every band's boundary rows for backward: with ``rows=64`` VGG-16 measured 1.19x its ``rows=8``
     peak at 320² before segments were given fewer bands where that lowers the estimate. Now within 2%, in fewer

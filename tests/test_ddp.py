@@ -31,7 +31,8 @@ def _ddp_fit(tmp_path, model: pl.LightningModule, callbacks: list) -> pl.Lightni
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize("callback", [RowCentricTraining(mode="2ps", rows=3), RowCentricTraining(mode="auto")],
+@pytest.mark.parametrize("callback", [RowCentricTraining(mode="2ps", rows=3),
+                                      pytest.param(RowCentricTraining(mode="auto"), marks=pytest.mark.slow)],
                          ids=["2ps", "auto"])
 def test_ddp_two_processes_same_weights_as_plain_ddp(tmp_path, callback: RowCentricTraining) -> None:
     torch.manual_seed(0)

@@ -94,7 +94,7 @@ def test_more_torchvision_classifiers(make: object) -> None:
     assert_equivalent(lambda: make(**kwargs), (1, 3, 160, 144), mode="2ps", rows=3, train=False, tallest=True)
 
 
-@pytest.mark.parametrize("mode", ["2ps", "overl"])
+@pytest.mark.parametrize("mode", [pytest.param("2ps", marks=pytest.mark.slow), "overl"])
 def test_convnext_channels_last_blocks(mode: str) -> None:
     """Permute to channels-last, LayerNorm, Linear, GELU, layer scale, permute back: all in the bands (its 28M
     parameters' gradients set the peak below this size, where it runs plain)."""

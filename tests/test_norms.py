@@ -619,7 +619,8 @@ def test_gradient_cuts_kept_and_reused_inputs_on_real_networks(net: str, mode: s
 
 
 @pytest.mark.parametrize(("mode", "statistics"), [
-    ("2ps", "streamed"), ("overl", "streamed"), ("overl", "materialised"),
+    ("overl", "streamed"), ("overl", "materialised"),
+    pytest.param("2ps", "streamed", marks=pytest.mark.slow),
     pytest.param("2ps", "materialised", marks=pytest.mark.slow),
 ])
 def test_recomputed_tails_match_plain_training(mode: str, statistics: str, monkeypatch: pytest.MonkeyPatch) -> None:
