@@ -198,9 +198,9 @@ def plan_for(module: nn.Module, *args: Any, **kwargs: Any) -> Plan:
     """The plan a converted ``module`` uses for these inputs (built and cached on first use)."""
     state: _State = module.__dict__[_ATTR]
     _initialize_lazy(module, state, args, kwargs)
-    inputs = _bind_inputs(module, args, kwargs)
+    bound = _bind_inputs(module, args, kwargs)
     with _batchnorm_frozen(module, state.config.batchnorm == "freeze"):
-        return _plan(module, state, inputs)
+        return _plan(module, state, bound)
 
 
 def _initialize_lazy(module: nn.Module, state: _State, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -227,7 +227,8 @@ def _initialize_lazy(module: nn.Module, state: _State, args: tuple[Any, ...], kw
             m.training = training
 
 
-def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The forward's arguments by name, in the signature's order, defaults applied (``self`` left out)."""
     forward = type(module).forward
     sig = inspect.signature(forward)
     try:
@@ -235,21 +236,21 @@ def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     except TypeError as exc:
         raise TypeError(f"{type(module).__name__}.forward: {exc}") from None
     bound.apply_defaults()
-    values = list(bound.arguments.values())[1:]
-    first = values[0] if values else None
+    arguments = dict(list(bound.arguments.items())[1:])
+    first = next(iter(arguments.values()), None)
     if not isinstance(first, Tensor) or first.dim() != 4:
         got = f"a {first.dim()}-D tensor of shape {tuple(first.shape)}" if isinstance(first, Tensor) else repr(
             type(first).__name__)
         raise ValueError(f"input of a row-centric {type(module).__name__} must be a 4-D (N, C, H, W) tensor, got {got}")
-    return values
+    return arguments
 
 
-def _plan(module: nn.Module, state: _State, inputs: list[Any]) -> Plan:
+def _plan(module: nn.Module, state: _State, arguments: dict[str, Any]) -> Plan:
+    inputs = list(arguments.values())
     # a submodule's hooks make it a leaf that runs whole: a hook added or removed means another trace
     flags = tuple((m.training, bool(name) and has_hooks(m)) for name, m in module.named_modules())
     # arguments left None (``mask=None``) specialise the graph: ``if mask is not None`` is not traced on a proxy
-    names = list(inspect.signature(type(module).forward).parameters)[1:]
-    nones = tuple(name for name, v in zip(names, inputs, strict=False) if v is None)
+    nones = tuple(name for name, v in arguments.items() if v is None)
     modes = (flags, nones)
     key = (modes, tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else repr(v) for v in inputs),
            torch.is_autocast_enabled())
@@ -344,9 +345,10 @@ def _batchnorm_frozen(module: nn.Module, frozen: bool) -> Iterator[None]:
 def _row_centric_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _State = self.__dict__[_ATTR]
     _initialize_lazy(self, state, args, kwargs)
-    inputs = _bind_inputs(self, args, kwargs)
+    arguments = _bind_inputs(self, args, kwargs)
+    inputs = list(arguments.values())
     with _batchnorm_frozen(self, state.config.batchnorm == "freeze"):
-        plan = _plan(self, state, inputs)
+        plan = _plan(self, state, arguments)
         said = _SAID_PLAIN.setdefault(self, set())
         if plan.plain_reason and plan.plain_reason not in said:  # once per module and reason, across conversions
             said.add(plan.plain_reason)

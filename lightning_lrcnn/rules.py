@@ -621,12 +621,10 @@ def image_reduction(node: fx.Node, root: nn.Module) -> tuple[str, tuple[int, int
     kept = tuple(1 if a in axes else n for a, n in enumerate(source.shape))
     if tuple(value.shape) not in (kept, tuple(n for a, n in enumerate(source.shape) if a not in axes)):
         return None
-    size: Any = None
-    if node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.AdaptiveAvgPool2d):
-        size = root.get_submodule(str(node.target)).output_size
-        return ("mean", axes) if axes == (2, 3) and size in (1, (1, 1), [1, 1]) else None
-    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    pooled = node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), nn.AdaptiveAvgPool2d)
+    if pooled or (node.op == "call_function" and node.target is F.adaptive_avg_pool2d):
+        size = root.get_submodule(str(node.target)).output_size if pooled else (
+            node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
         return ("mean", axes) if axes == (2, 3) and size in (1, (1, 1), [1, 1]) else None
     method = node.op == "call_method"
     if (method and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):

@@ -229,20 +229,12 @@ def _trace(module: nn.Module, tracer: _Tracer, shapes: str = "", none_inputs: Se
             f"cannot trace {type(module).__name__} with torch.fx{shapes}{where}: {type(exc).__name__}: {exc}. "
             f"Remedy: pass leaf_modules=[{hint}] ({kind}; it then runs as one global op on the "
             "full tensor) or autowrap_functions=[fn] for a free function with data-dependent control flow.")
-        error.submodule = tracer.failed_in if tracer.failed_in and _is_submodule(module, tracer.failed_in) else ""
+        error.submodule = tracer.failed_in or ""  # a submodule's name: resolved above
         raise error from exc
     finally:
         for m, training in modes.items():
             m.train(training)
     return fx.GraphModule(module, graph, class_name=type(module).__name__ + "Traced")
-
-
-def _is_submodule(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 @contextlib.contextmanager
