@@ -116,6 +116,11 @@ class _RowCache:
         self.rows.narrow(self.dim, rows.start, len(rows)).copy_(x)
         self.have[rows.start : rows.stop] = b"\x01" * len(rows)
 
+    def clear(self) -> None:
+        """Forget every row (a later backward pass, under ``retain_graph=True``, puts them again)."""
+        self.rows = None
+        self.have = bytearray(self.shape[self.dim])
+
     def get(self, rows: RowInterval) -> Tensor | None:
         """Rows ``rows``, where every one of them was put."""
         if self.rows is None or not all(self.have[rows.start : rows.stop]):
@@ -403,14 +408,14 @@ class _StreamedStatistics(torch.autograd.Function):
         run.update_running(count, mean, var)
         rstd = torch.rsqrt(var + run.eps)
         ctx.run, ctx.count = run, count
-        ctx.save_for_backward(mean, rstd)
+        ctx.save_for_backward(mean, rstd, *run.release())
         shape = (1, -1, 1, 1)
         return mean.reshape(shape), rstd.reshape(shape), mean.new_zeros(())  # the token of its cut
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_rstd: Tensor | None, _: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward()
-        mean, rstd = ctx.saved_tensors
+        mean, rstd, *released = ctx.saved_tensors
         shape = (1, -1, 1, 1)
         g_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.reshape(-1)
         g_var = torch.zeros_like(rstd) if grad_rstd is None else grad_rstd.reshape(-1) * -0.5 * rstd**3
@@ -418,8 +423,7 @@ class _StreamedStatistics(torch.autograd.Function):
             d = x.detach() - mean.reshape(shape)
             return d.mul_(2 * g_var.reshape(shape)).add_(g_mean.reshape(shape)).div_(ctx.count)
 
-        run, ctx.run = ctx.run, None  # the graph outlives this call: what the prefix read must not
-        return (None, *run.backward(grad_of))
+        return (None, *ctx.run.backward(grad_of, released))
 
 
 class _PrefixRun:
@@ -442,7 +446,9 @@ class _PrefixRun:
         self.tensor_nodes = [v for v, t in self.outside.items() if isinstance(t, Tensor)]
         # the gradients of the rows it reads go into the values' shared sums (read whole: through autograd)
         row_nodes = {v: None for band in self.prefix.bands for v, _ in band.inputs}
-        self.sums = {v: got for v in row_nodes if (got := anchors.get(v, self.outside[v]))[1] is not None}
+        got = {v: anchors.get(v, self.outside[v]) for v in row_nodes}
+        self.anchors = [a for a, total in got.values() if total is not None]
+        self.sums = {v: total for v, (_, total) in got.items() if total is not None}
         modules = [root.get_submodule(str(v.target)) for v in self.prefix.nodes if v.op == "call_module"]
         self.params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
 
@@ -455,7 +461,7 @@ class _PrefixRun:
 
     def inputs(self) -> list[Tensor]:
         """What autograd must route gradients to: the values read whole, the parameters, the row anchors."""
-        return [*(self.outside[v] for v in self.tensor_nodes), *self.params, *(a for a, _ in self.sums.values()),
+        return [*(self.outside[v] for v in self.tensor_nodes), *self.params, *self.anchors,
                 *(c.token for c in self.cuts.at.values())]
 
     def band(self, i: int, env: dict[fx.Node, Any], grad: bool,
@@ -478,6 +484,15 @@ class _PrefixRun:
             have = dict(band.outputs)[out]
             self.kept.narrow(row_dim(out), have.start, len(have)).copy_(x)
         return x, rows
+
+    def release(self) -> list[Tensor]:
+        """The tensors the prefix reads, handed to autograd at the end of forward (``ctx.save_for_backward``):
+        the run lives as long as the graph, and autograd frees what it saved after a backward pass, or keeps it
+        for the next one under ``retain_graph=True``. The run holds none of them afterwards."""
+        tensors = [self.outside[v] for v in self.tensor_nodes]
+        self.outside = {v: t for v, t in self.outside.items() if v not in set(self.tensor_nodes)}
+        self.anchors = []
+        return tensors
 
     def statistics(self) -> tuple[int, Tensor, Tensor]:
         """Count, mean and biased variance per channel, merged band by band (Chan et al.'s pairwise update)."""
@@ -503,14 +518,16 @@ class _PrefixRun:
         """Running statistics as ``nn.BatchNorm2d`` moves them (see :func:`lightning_lrcnn.norms.batch_statistics`)."""
         update_running_statistics(self.running_mean, self.running_var, self.tracked, self.momentum, mean, var, count)
 
-    def backward(self, grad_of: Any) -> list[Tensor | None]:
+    def backward(self, grad_of: Any, released: Sequence[Tensor]) -> list[Tensor | None]:
         """Gradients of :meth:`inputs` for the statistics' gradient ``grad_of(x)`` of the prefix output ``x``
-        (the rows' gradients are added to the values' shared sums; their anchors get None)."""
+        (the rows' gradients are added to the values' shared sums; their anchors get None); ``released``: what
+        :meth:`release` handed to autograd."""
+        outside = {**self.outside, **dict(zip(self.tensor_nodes, released, strict=True))}
         with torch.enable_grad(), _autocast(self.autocast):
             leaves = {v: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
-                      for v, t in self.outside.items()}
+                      for v, t in outside.items()}
             if self.recomputed is not None:  # read by later statistics' backward only, which ran before this one
-                self.recomputed.rows = None
+                self.recomputed.clear()
             cuts = self.cuts.leaves()
             tokens = [c.token for c in cuts.at.values()]
             whole: list[Any] = [None] * (len(self.tensor_nodes) + len(self.params))
@@ -530,7 +547,7 @@ class _PrefixRun:
                 row_grads, rest = grads[: len(rows)], grads[len(rows):]
                 for (v, r), g in zip(band.inputs, row_grads, strict=True):
                     if g is not None and v in self.sums:
-                        self.sums[v][1].add(r, g)  # type: ignore[union-attr]
+                        self.sums[v].add(r, g)
                 for k, g in enumerate(rest):
                     if g is not None:
                         whole[k] = g if whole[k] is None else whole[k].add_(g)
@@ -557,19 +574,18 @@ class _StreamedReduction(torch.autograd.Function):
                 count, dtype = count + x.shape[axes[0]] * x.shape[axes[1]], x.dtype
         value = (total / count if kind == "mean" else total.sqrt()).to(dtype)
         ctx.run, ctx.count, ctx.kind = run, count, kind
-        ctx.save_for_backward(value)
+        ctx.save_for_backward(value, *run.release())
         return value, value.new_zeros(())  # the token of its cut
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward()
-        run, ctx.run = ctx.run, None  # the graph outlives this call: what the prefix read must not
-        (value,) = ctx.saved_tensors
+        value, *released = ctx.saved_tensors
         if ctx.kind == "mean":
             share = grad / ctx.count
-            return (None, None, None, *run.backward(lambda x: share.expand_as(x)))
+            return (None, None, None, *ctx.run.backward(lambda x: share.expand_as(x), released))
         scale = torch.where(value == 0, torch.zeros_like(grad), grad / value)  # as torch's norm backward at 0
-        return (None, None, None, *run.backward(lambda x: x.detach() * scale))
+        return (None, None, None, *ctx.run.backward(lambda x: x.detach() * scale, released))
 
 
 def _run_streamed(step: Streamed, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,

@@ -138,7 +138,7 @@ class _VarMean(torch.autograd.Function):
     def backward(ctx: Any, grad_var: Tensor | None, grad_mean: Tensor | None) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         refuse_double_backward()
         x, mean = ctx.saved_tensors
-        into, ctx.into = ctx.into, None
+        into = ctx.into  # a sum that its anchor empties: a second pass (retain_graph=True) adds into it again
 
         def grad_of(part: Tensor) -> Tensor:
             grouped = part.unflatten(1, (ctx.groups, -1))
