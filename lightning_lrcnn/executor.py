@@ -419,9 +419,10 @@ class _StreamedStatistics(torch.autograd.Function):
         shape = (1, -1, 1, 1)
         g_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.reshape(-1)
         g_var = torch.zeros_like(rstd) if grad_rstd is None else grad_rstd.reshape(-1) * -0.5 * rstd**3
+        slope, offset = (2 * g_var / ctx.count).reshape(shape), (g_mean / ctx.count).reshape(shape)
+
         def grad_of(x: Tensor) -> Tensor:  # d statistics / d x: (g_mean + 2 (x - mean) g_var) / count, in place
-            d = x.detach() - mean.reshape(shape)
-            return d.mul_(2 * g_var.reshape(shape)).add_(g_mean.reshape(shape)).div_(ctx.count)
+            return (x.detach() - mean.reshape(shape)).mul_(slope).add_(offset)
 
         return (None, *ctx.run.backward(grad_of, released))
 

@@ -165,43 +165,63 @@ def normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias
 
 
 class _Normalize(torch.autograd.Function):
-    """:func:`normalize` with a backward that recomputes ``x - mean`` instead of saving it and the normalised
-    value (plain autograd would save two tensors of ``x``'s size beside ``x``)."""
+    """:func:`normalize` as a per-channel scale and shift, ``x * (rstd * weight) + (bias - mean * rstd * weight)``,
+    one pass over ``x`` as PyTorch's own CPU BatchNorm and GroupNorm kernels compute it; its backward recomputes
+    what it needs from ``x`` instead of saving the normalised value (plain autograd would save two tensors of
+    ``x``'s size beside ``x``)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,  # type: ignore[override]
                 bias: Tensor | None) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = (_as_float32(x) - mean).mul_(rstd)
-        if weight is not None:
-            y.mul_(weight.reshape(shape))
-        if bias is not None:
-            y.add_(bias.reshape(shape))
+        scale, shift = _scale_shift(mean, rstd, weight, bias)
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.cast = torch.is_autocast_enabled(x.device.type)
         ctx.has_bias = bias is not None
-        return y
+        return torch.addcmul(shift, _as_float32(x), scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward()
-        # two tensors of x's size: the input gradient, and (x - mean) * grad for the statistics' gradients
         x, mean, rstd, weight = ctx.saved_tensors
         xf = x.float() if ctx.cast and x.dtype in (torch.float16, torch.bfloat16) else x
         channels = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         need = ctx.needs_input_grad
-        scale = rstd if weight is None else rstd * weight.reshape(channels)  # d out / d x, per channel
-        dx = grad * scale if need[0] or need[1] else None
-        dmean = -dx.sum_to_size(mean.shape) if need[1] and dx is not None else None
+        scale, _ = _scale_shift(mean, rstd, weight, None)  # d out / d x
+        dx = grad * scale if need[0] else None
         drstd = dweight = None
-        if need[2] or need[3]:
-            per = (xf - mean).mul_(grad).sum_to_size(rstd.shape)  # sum of grad * (x - mean) per statistic
-            if need[2]:
-                drstd = per if weight is None else (per * weight.reshape(channels)).sum_to_size(rstd.shape)
-            if need[3]:
-                dweight = (per * rstd).sum_to_size(channels).reshape(weight.shape)
-        dbias = grad.sum_to_size(channels).reshape(-1) if ctx.has_bias and need[4] else None
-        return None if dx is None or not need[0] else dx.to(x.dtype), dmean, drstd, dweight, dbias
+        per, total = _channel_sums(grad, xf, mean) if any(need[1:]) else (None, None)  # per statistic
+        dmean = -(total * scale).sum_to_size(mean.shape) if need[1] else None  # type: ignore[operator]
+        if need[2]:
+            drstd = per if weight is None else (per * weight.reshape(channels)).sum_to_size(rstd.shape)
+        if need[3]:
+            dweight = (per * rstd).sum_to_size(channels).reshape(weight.shape)  # type: ignore[operator]
+        dbias = total.sum_to_size(channels).reshape(-1) if ctx.has_bias and need[4] else None  # type: ignore[union-attr]
+        return None if dx is None else dx.to(x.dtype), dmean, drstd, dweight, dbias
+
+
+def _scale_shift(mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per statistic (shaped like ``mean``, channels in dimension 1): ``rstd * weight`` and ``bias - mean *
+    rstd * weight``."""
+    channels = (1, -1) + (1,) * (mean.dim() - 2)
+    scale = rstd if weight is None else rstd * weight.reshape(channels)
+    shift = -mean * scale if bias is None else bias.reshape(channels) - mean * scale
+    return scale, shift
+
+
+def _channel_sums(grad: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum(grad * (x - mean))`` and ``sum(grad)`` per statistic, shaped like ``mean``. Per channel (BatchNorm's
+    statistics, one value per channel) in one fused pass without a temporary of ``x``'s size: PyTorch's own
+    BatchNorm backward in eval form, with a unit variance. That kernel can sum the wrong elements where the two
+    tensors' strides differ (a gradient come back from tokens, ``(N, C, H, W) -> (N, H*W, C)``, at batch 1): it
+    runs only on dense tensors with the same strides."""
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    same_layout = dense and grad.stride() == x.stride()
+    if same_layout and mean.shape[0] == 1 and mean.numel() == x.shape[1] and grad.dtype == x.dtype == mean.dtype:
+        ones = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        _, per, total = torch.ops.aten.native_batch_norm_backward(
+            grad, x, None, mean.reshape(-1), ones, None, None, False, 0.0, [False, True, True])
+        return per.reshape(mean.shape), total.reshape(mean.shape)
+    return (x - mean).mul_(grad).sum_to_size(mean.shape), grad.sum_to_size(mean.shape)
 
 
 def _image_norm(node: fx.Node, root: nn.Module) -> tuple[Any, int, float, Any, Any] | None:

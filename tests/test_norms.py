@@ -794,3 +794,35 @@ def test_a_second_backward_through_a_retained_graph_matches_plain(net: str, spli
         grads.append({"input": xi.grad, **{n: p.grad for n, p in model.named_parameters()}})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_grad", "tokens_grad", "narrowed"])
+@pytest.mark.parametrize("stats", ["batch", "image"])
+def test_normalize_gradients_match_autograd_in_every_layout(layout: str, stats: str) -> None:
+    """``normalize``'s fused backward (one pass for the per-channel sums, PyTorch's BatchNorm kernel) against
+    autograd through ``(x - mean) * rstd * weight + bias``: input and gradient with the same strides, a
+    channels-last gradient of a contiguous input, the gradient of tokens (``flatten(2).transpose(1, 2)``) at batch
+    1 (that kernel sums the wrong elements there: it must not be used), and a narrowed input."""
+    torch.manual_seed(0)
+    n = 1 if layout == "tokens_grad" else 2
+    x = torch.randn(n, 6, 20, 12, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "narrowed":
+        x = x[:, :, 3:15]
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    if layout in ("channels_last", "channels_last_grad"):
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    if layout == "tokens_grad":
+        grad = torch.randn(n, 20 * 12, 6, dtype=torch.float64).transpose(1, 2).reshape(x.shape)
+    k = 1 if stats == "batch" else n
+    mean, rstd = torch.randn(k, 6, 1, 1, dtype=torch.float64), torch.rand(k, 6, 1, 1, dtype=torch.float64) + 0.5
+    weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, mean, rstd, weight, bias)]
+    expected = torch.autograd.grad((leaves[0] - leaves[1]) * leaves[2] * leaves[3].view(1, -1, 1, 1)
+                                   + leaves[4].view(1, -1, 1, 1), leaves, grad)
+    leaves = [t.clone().requires_grad_() for t in (x, mean, rstd, weight, bias)]
+    y = normalize(*leaves)
+    torch.testing.assert_close(y, (x - mean) * rstd * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+    for got, want in zip(torch.autograd.grad(y, leaves, grad), expected, strict=True):
+        torch.testing.assert_close(got, want)
