@@ -29,6 +29,7 @@ from .plan import (
     Streamed,
     frozen_nodes,
     gradient_cuts,
+    handed_in_pieces,
     last_cut_readers,
     row_bytes,
     step_segment,
@@ -120,7 +121,14 @@ def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]
             for v in step.nodes if isinstance(step, Segment) else [step]:
                 steps.append(v)
                 costs.append(_node_cost(v, plan, captured))
-    return steps, _with_cut_sums(steps, _with_row_input_grads(steps, costs), cuts)
+    return steps, _with_cut_sums(steps, _with_row_input_grads(steps, costs, _pieces(plan)), cuts)
+
+
+def _pieces(plan: Plan) -> dict[fx.Node, int]:
+    """Per value handed on in pieces (see NOTE [ Values handed on in pieces ] in :mod:`lightning_lrcnn.plan`),
+    how many pieces: by its maker's bands."""
+    pieces = handed_in_pieces(plan)
+    return {o: len(s.bands) for s in plan.segments for o in s.outputs if o in pieces}
 
 
 def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost],
@@ -140,9 +148,13 @@ def _with_cut_sums(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_C
             for c, e, k in zip(costs, extra, kept, strict=True)]
 
 
-def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost]) -> list[_Cost]:
+def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: list[_Cost],
+                          pieces: dict[fx.Node, int] | None = None) -> list[_Cost]:
     """Add the gradient of each value read in rows (by recomputed segments and streamed statistics): one sum for
-    all its readers (see ``executor._Anchors``), alive in backward from its last reader to its first."""
+    all its readers (see ``executor._Anchors``), alive in backward from its last reader to its first. A value
+    handed on in ``pieces`` (by count) lets go of a piece as its gradient grows by one: beside the value, which
+    is held, only the two pieces a band's rows may straddle."""
+    pieces = pieces or {}
     span: dict[fx.Node, tuple[int, int]] = {}
     for i, step in enumerate(steps):
         segment = step_segment(step)
@@ -152,8 +164,9 @@ def _with_row_input_grads(steps: Sequence[Segment | Streamed | fx.Node], costs: 
                 span[u] = (first, i)
     extra = [0] * len(costs)
     for u, (first, last) in span.items():
+        grad = _bytes(u) * min(1.0, 2 / pieces[u]) if u in pieces else _bytes(u)
         for i in range(first, last + 1):
-            extra[i] += _bytes(u)
+            extra[i] += int(grad)
     return [replace(c, backward=c.backward + e) if e else c for c, e in zip(costs, extra, strict=True)]
 
 

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .errors import refuse_double_backward
 from .geometry import RowInterval
 from .norms import batch_statistics, image_statistics, update_running_statistics, var_mean
-from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts, last_cut_readers
+from .plan import Band, Cuts, Plan, Segment, Streamed, gradient_cuts, handed_in_pieces, last_cut_readers
 from .rules import image_reduction, is_4d, recomputing, row_dim
 from .trace import fetch_attr
 
@@ -128,6 +128,23 @@ class _RowCache:
         return self.rows.narrow(self.dim, rows.start, len(rows))
 
 
+class _Pieces:
+    """A segment output left as the pieces its bands made (see NOTE [ Values handed on in pieces ] in
+    :mod:`lightning_lrcnn.plan`): ``parts`` are ``(tensor, rows it holds)``, in row order."""
+
+    def __init__(self, parts: list[tuple[Tensor, RowInterval]], dim: int) -> None:
+        self.parts, self.dim = parts, dim
+
+    def rows(self, want: RowInterval) -> list[tuple[Tensor, RowInterval]]:
+        """Views of the pieces that hold rows ``want``, with the rows each view holds (at least one view)."""
+        got = []
+        for t, have in self.parts:
+            lo, hi = max(want.start, have.start), min(want.stop, have.stop)
+            if lo < hi:
+                got.append((t.narrow(self.dim, lo - have.start, hi - lo), RowInterval(lo, hi)))
+        return got or [(self.parts[0][0].narrow(self.dim, 0, 0), RowInterval(want.start, want.start))]
+
+
 @dataclass
 class _Cut:
     """The sum of a streamed statistics' input gradient that later recomputations add into (see NOTE [ Gradient
@@ -217,16 +234,21 @@ class _Anchors:
         self.made.pop(node, None)
 
 
-def _band_inputs(segment: Segment, env: dict[fx.Node, Any], anchors: _Anchors) -> Iterator[list[Tensor]]:
-    """Per band, lazily, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_Rows`).
+def _band_inputs(segment: Segment, env: dict[fx.Node, Any],
+                 anchors: _Anchors) -> Iterator[list[list[tuple[Tensor, RowInterval]]]]:
+    """Per band, lazily, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_Rows`), each
+    as one or more pieces with the rows they hold (several where a value is handed on in pieces).
 
     Each band's rows are sliced just before the band runs: autograd runs the newest nodes first, so the
     band's :class:`_Rows` backward then runs right after the band's own, not after every band's.
     """
 
-    def rows(node: fx.Node, r: RowInterval) -> Tensor:
-        x, total = anchors.get(node, env[node])
-        return x.narrow(row_dim(node), r.start, len(r)) if total is None else _Rows.apply(x, r, total)
+    def rows(node: fx.Node, r: RowInterval) -> list[tuple[Tensor, RowInterval]]:
+        x = env[node]
+        if isinstance(x, _Pieces):
+            return x.rows(r)
+        x, total = anchors.get(node, x)
+        return [(x.narrow(row_dim(node), r.start, len(r)) if total is None else _Rows.apply(x, r, total), r)]
 
     for band in segment.bands:
         yield [rows(node, r) for node, r in band.inputs]
@@ -262,6 +284,7 @@ class _BandRunner:
         self.where = where  # (progress, segment index, band index)
         self.calls = 0
         self.cuts = _SegmentCuts()
+        self.parts: list[list[RowInterval]] | None = None  # per row input, the rows of each piece it comes in
 
     def __call__(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         progress, index, band = self.where
@@ -276,8 +299,13 @@ class _BandRunner:
         # per node: pieces (tensor, rows it holds), oldest first: the incoming boundary rows, then new rows;
         # the segment's outside row inputs: the rows this band reads
         held: dict[fx.Node, list[tuple[Tensor, RowInterval]]] = {}
-        for (node, rows), t in zip([*band.carry_in, *band.inputs], tensors, strict=True):
+        for (node, rows), t in zip(band.carry_in, tensors, strict=False):
             held[node] = [(t, rows)]
+        parts = self.parts if self.parts is not None else [[rows] for _, rows in band.inputs]
+        rest = iter(tensors[len(band.carry_in):])
+        for (node, _), pieces in zip(band.inputs, parts, strict=True):
+            held[node] = [(next(rest), rows) for rows in pieces]
+        assert next(rest, None) is None, "internal: more band inputs than the band reads"
 
         def value(v: fx.Node, want: RowInterval | None) -> Any:
             if v in self.static:
@@ -372,28 +400,36 @@ class _BandRunner:
 
 
 def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node, Any], root: nn.Module,
-                 progress: Progress, index: int, anchors: _Anchors, cuts: _SegmentCuts | None = None) -> None:
+                 progress: Progress, index: int, anchors: _Anchors, cuts: _SegmentCuts | None = None,
+                 in_pieces: frozenset[fx.Node] = frozenset()) -> None:
     cuts = cuts or _SegmentCuts()
     inside = set(segment.nodes)
     # the values read from outside, captured now: recomputation in backward runs after env has moved on
     outside = {v: env[v] for node in segment.nodes for v in node.all_input_nodes if v not in inside and v in env}
-    pieces: dict[fx.Node, list[Tensor]] = {o: [] for o in segment.outputs}
+    # values in pieces are read in rows only, handed to each band: the runners must not hold every piece
+    whole = {v: t for v, t in outside.items() if not isinstance(t, _Pieces)}
+    pieces: dict[fx.Node, list[tuple[Tensor, RowInterval]]] = {o: [] for o in segment.outputs}
     carries: tuple[Tensor, ...] = ()
     grad = torch.is_grad_enabled()
     for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside, anchors), strict=True)):
-        runner = _BandRunner(segment, band, outside, static, root, (progress, index, i))
+        runner = _BandRunner(segment, band, whole, static, root, (progress, index, i))
         runner.cuts = cuts
+        runner.parts = [[rows for _, rows in parts] for parts in inputs]
+        flat = [t for parts in inputs for t, _ in parts]
         if grad and segment.recompute:
-            result = checkpoint(runner, *carries, *inputs, use_reentrant=False)
+            result = checkpoint(runner, *carries, *flat, use_reentrant=False)
         else:
-            result = runner(*carries, *inputs)
+            result = runner(*carries, *flat)
         n_out = len(band.outputs)
-        for (node, _), t in zip(band.outputs, result[:n_out], strict=True):
-            pieces[node].append(t)
+        for (node, rows), t in zip(band.outputs, result[:n_out], strict=True):
+            pieces[node].append((t, rows))
         carries = tuple(result[n_out:])
     cuts.kept.clear()  # the runners outlive forward (checkpoint recomputes with them): they must not keep it
     for node, parts in pieces.items():
-        env[node] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=row_dim(node))
+        if node in in_pieces and len(parts) > 1:
+            env[node] = _Pieces(parts, row_dim(node))
+        else:
+            env[node] = parts[0][0] if len(parts) == 1 else torch.cat([t for t, _ in parts], dim=row_dim(node))
 
 
 class _StreamedStatistics(torch.autograd.Function):
@@ -669,6 +705,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     index = {id(s): i for i, s in enumerate(banded)}
     anchors = _Anchors()
     plan_cuts = gradient_cuts(plan)
+    in_pieces = handed_in_pieces(plan)
     made: dict[fx.Node, _Cut] = {}  # by the streamed statistics' input
     last_reader = last_cut_readers(plan.steps, plan_cuts)
     kept_until: dict[int, list[fx.Node]] = {}  # step index -> statistics' inputs kept until after it
@@ -678,7 +715,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     for i, (step, frees) in enumerate(zip(plan.steps, plan.free_after, strict=True)):
         if isinstance(step, Segment):
             _run_segment(step, env, plan.static, root, progress, index[id(step)], anchors,
-                         _cuts(step, plan_cuts, made))
+                         _cuts(step, plan_cuts, made), in_pieces)
         elif isinstance(step, Streamed):
             made[step.prefix.outputs[0]] = _run_streamed(step, env, plan.static, root, progress, index[id(step)],
                                                          anchors, _cuts(step.prefix, plan_cuts, made))

@@ -17,7 +17,7 @@ from .norms import batch_statistics
 from .rules import NodeRule, row_dim
 
 __all__ = ["Band", "Segment", "Streamed", "Step", "Plan", "Cuts", "gradient_cuts", "frozen_nodes", "last_cut_readers",
-           "describe", "row_bytes", "step_nodes", "step_reads", "step_outputs", "step_segment"]
+           "handed_in_pieces", "describe", "row_bytes", "step_nodes", "step_reads", "step_outputs", "step_segment"]
 
 
 @dataclass
@@ -204,6 +204,39 @@ def last_cut_readers(steps: Sequence[Any], cuts: dict[int, Cuts]) -> dict[int, i
         for s in cuts[id(segment)].at if segment is not None and id(segment) in cuts else ():
             last[id(s)] = i
     return last
+
+
+def handed_in_pieces(plan: Plan) -> frozenset[fx.Node]:
+    """The segment outputs that stay the pieces their bands made, never joined into one tensor.
+
+    # NOTE [ Values handed on in pieces ]
+    # A value that one recomputed segment makes and that only recomputed segments read, in rows, need not be
+    # joined: each reading band gets views of the pieces its rows lie in, and autograd hands each piece's
+    # gradient to the band that made it. In backward the readers' bands then let go of the pieces below their
+    # rows as they finish while the value's gradient grows piece by piece, instead of the whole value living
+    # beside a whole gradient sum (see ``executor._Anchors``) until the last reader is done; and the maker's
+    # bands free each piece's gradient as they go. Values read whole (a global op, the output), by streamed
+    # statistics, or by a segment that stops its backward at gradient cuts are joined as before.
+    """
+    cuts = gradient_cuts(plan)
+    made = {o for step in plan.steps if isinstance(step, Segment) and step.recompute and len(step.bands) > 1
+            for o in step.outputs}
+    whole: set[fx.Node] = set()
+    for step in plan.steps:
+        segment = step_segment(step)
+        if segment is None:
+            whole.update(step.all_input_nodes)  # type: ignore[union-attr]
+            continue
+        clean = isinstance(step, Segment) and step.recompute and id(step) not in cuts
+        inside = set(segment.nodes)
+        in_rows = {v for band in segment.bands for v, _ in band.inputs}
+        for user in segment.nodes:
+            rule = segment.rules[user]
+            whole.update(v for v in user.all_input_nodes
+                         if v not in inside and not (clean and v in in_rows and v in rule.row_inputs))
+        if isinstance(step, Streamed):
+            whole.update(step.stats.all_input_nodes)
+    return frozenset(made - whole)
 
 
 def row_bytes(node: fx.Node) -> int:
