@@ -304,7 +304,10 @@ class _BandRunner:
         parts = self.parts if self.parts is not None else [[rows] for _, rows in band.inputs]
         rest = iter(tensors[len(band.carry_in):])
         for (node, _), pieces in zip(band.inputs, parts, strict=True):
-            held[node] = [(next(rest), rows) for rows in pieces]
+            got = [(next(rest), rows) for rows in pieces]
+            if len(got) > 1:  # rows of a value in pieces: joined once here (its readers would each split at seams)
+                got = [(torch.cat([t for t, _ in got], dim=row_dim(node)), RowInterval(got[0][1].start, got[-1][1].stop))]
+            held[node] = got
         assert next(rest, None) is None, "internal: more band inputs than the band reads"
 
         def value(v: fx.Node, want: RowInterval | None) -> Any:
