@@ -121,13 +121,13 @@ def _costs(plan: Plan) -> tuple[list[Segment | Streamed | fx.Node], list[_Cost]]
             for v in step.nodes if isinstance(step, Segment) else [step]:
                 steps.append(v)
                 costs.append(_node_cost(v, plan, captured))
-    return steps, _with_cut_sums(steps, _with_row_input_grads(steps, costs, _pieces(plan)), cuts)
+    return steps, _with_cut_sums(steps, _with_row_input_grads(steps, costs, _pieces(plan, cuts)), cuts)
 
 
-def _pieces(plan: Plan) -> dict[fx.Node, int]:
+def _pieces(plan: Plan, cuts: dict[int, Cuts]) -> dict[fx.Node, int]:
     """Per value handed on in pieces (see NOTE [ Values handed on in pieces ] in :mod:`lightning_lrcnn.plan`),
     how many pieces: by its maker's bands."""
-    pieces = handed_in_pieces(plan)
+    pieces = handed_in_pieces(plan, cuts)
     return {o: len(s.bands) for s in plan.segments for o in s.outputs if o in pieces}
 
 

@@ -40,6 +40,18 @@ def _rows(t: Tensor, have: RowInterval, want: RowInterval, dim: int) -> Tensor:
     return t.narrow(dim, want.start - have.start, len(want))
 
 
+def _views(parts: Sequence[tuple[Tensor, RowInterval]], want: RowInterval, dim: int) -> list[Tensor]:
+    """Views on the rows of ``want`` that each of ``parts`` (``(tensor, rows it holds)``, in row order) holds:
+    always views, even of all of a part (handing a whole piece to a band as itself measured a 1% higher peak,
+    ResNet-50 1024² b2 OverL 16: 300.4 against 297.4 MiB)."""
+    views = []
+    for t, have in parts:
+        lo, hi = max(want.start, have.start), min(want.stop, have.stop)
+        if lo < hi:
+            views.append(t.narrow(dim, lo - have.start, hi - lo))
+    return views
+
+
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
     """Autocast as it stands now, per device type (backward runs outside the forward's autocast)."""
     devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -135,14 +147,9 @@ class _Pieces:
     def __init__(self, parts: list[tuple[Tensor, RowInterval]], dim: int) -> None:
         self.parts, self.dim = parts, dim
 
-    def rows(self, want: RowInterval) -> list[tuple[Tensor, RowInterval]]:
-        """Views of the pieces that hold rows ``want``, with the rows each view holds (at least one view)."""
-        got = []
-        for t, have in self.parts:
-            lo, hi = max(want.start, have.start), min(want.stop, have.stop)
-            if lo < hi:
-                got.append((t.narrow(self.dim, lo - have.start, hi - lo), RowInterval(lo, hi)))
-        return got or [(self.parts[0][0].narrow(self.dim, 0, 0), RowInterval(want.start, want.start))]
+    def rows(self, want: RowInterval) -> list[Tensor]:
+        """Views of the pieces that hold rows ``want``, in row order (one empty view where ``want`` is empty)."""
+        return _views(self.parts, want, self.dim) or [self.parts[0][0].narrow(self.dim, 0, 0)]
 
 
 @dataclass
@@ -234,21 +241,20 @@ class _Anchors:
         self.made.pop(node, None)
 
 
-def _band_inputs(segment: Segment, env: dict[fx.Node, Any],
-                 anchors: _Anchors) -> Iterator[list[list[tuple[Tensor, RowInterval]]]]:
+def _band_inputs(segment: Segment, env: dict[fx.Node, Any], anchors: _Anchors) -> Iterator[list[list[Tensor]]]:
     """Per band, lazily, the rows ``band.inputs`` of the segment's outside row inputs (see :class:`_Rows`), each
-    as one or more pieces with the rows they hold (several where a value is handed on in pieces).
+    as one or more views, in row order (several where a value is handed on in pieces).
 
     Each band's rows are sliced just before the band runs: autograd runs the newest nodes first, so the
     band's :class:`_Rows` backward then runs right after the band's own, not after every band's.
     """
 
-    def rows(node: fx.Node, r: RowInterval) -> list[tuple[Tensor, RowInterval]]:
+    def rows(node: fx.Node, r: RowInterval) -> list[Tensor]:
         x = env[node]
         if isinstance(x, _Pieces):
             return x.rows(r)
         x, total = anchors.get(node, x)
-        return [(x.narrow(row_dim(node), r.start, len(r)) if total is None else _Rows.apply(x, r, total), r)]
+        return [x.narrow(row_dim(node), r.start, len(r)) if total is None else _Rows.apply(x, r, total)]
 
     for band in segment.bands:
         yield [rows(node, r) for node, r in band.inputs]
@@ -284,7 +290,7 @@ class _BandRunner:
         self.where = where  # (progress, segment index, band index)
         self.calls = 0
         self.cuts = _SegmentCuts()
-        self.parts: list[list[RowInterval]] | None = None  # per row input, the rows of each piece it comes in
+        self.pieces: list[int] | None = None  # per row input, how many views it comes in (None: one each)
 
     def __call__(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         progress, index, band = self.where
@@ -301,13 +307,12 @@ class _BandRunner:
         held: dict[fx.Node, list[tuple[Tensor, RowInterval]]] = {}
         for (node, rows), t in zip(band.carry_in, tensors, strict=False):
             held[node] = [(t, rows)]
-        parts = self.parts if self.parts is not None else [[rows] for _, rows in band.inputs]
+        counts = self.pieces if self.pieces is not None else [1] * len(band.inputs)
         rest = iter(tensors[len(band.carry_in):])
-        for (node, _), pieces in zip(band.inputs, parts, strict=True):
-            got = [(next(rest), rows) for rows in pieces]
-            if len(got) > 1:  # rows of a value in pieces: joined once here (its readers would each split at seams)
-                got = [(torch.cat([t for t, _ in got], dim=row_dim(node)), RowInterval(got[0][1].start, got[-1][1].stop))]
-            held[node] = got
+        for (node, rows), count in zip(band.inputs, counts, strict=True):
+            views = [next(rest) for _ in range(count)]
+            # rows of a value in pieces: joined once here (its readers would each split at the seams)
+            held[node] = [(views[0] if count == 1 else torch.cat(views, dim=row_dim(node)), rows)]
         assert next(rest, None) is None, "internal: more band inputs than the band reads"
 
         def value(v: fx.Node, want: RowInterval | None) -> Any:
@@ -324,8 +329,7 @@ class _BandRunner:
             for t, have in reversed(held[v]):
                 if have.contains(want):
                     return _rows(t, have, want, dim)
-            return torch.cat([_rows(t, have, RowInterval(max(want.start, have.start), min(want.stop, have.stop)), dim)
-                              for t, have in held[v] if have.start < want.stop and want.start < have.stop], dim=dim)
+            return torch.cat(_views(held[v], want, dim), dim=dim)
 
         def compute(node: fx.Node, out: RowInterval) -> Tensor:
             node_rule = seg.rules[node]
@@ -417,8 +421,8 @@ def _run_segment(segment: Segment, env: dict[fx.Node, Any], static: dict[fx.Node
     for i, (band, inputs) in enumerate(zip(segment.bands, _band_inputs(segment, outside, anchors), strict=True)):
         runner = _BandRunner(segment, band, whole, static, root, (progress, index, i))
         runner.cuts = cuts
-        runner.parts = [[rows for _, rows in parts] for parts in inputs]
-        flat = [t for parts in inputs for t, _ in parts]
+        runner.pieces = [len(views) for views in inputs]
+        flat = [t for views in inputs for t in views]
         if grad and segment.recompute:
             result = checkpoint(runner, *carries, *flat, use_reentrant=False)
         else:
@@ -530,7 +534,7 @@ class _PrefixRun:
         the run lives as long as the graph, and autograd frees what it saved after a backward pass, or keeps it
         for the next one under ``retain_graph=True``. The run holds none of them afterwards."""
         tensors = [self.outside[v] for v in self.tensor_nodes]
-        self.outside = {v: t for v, t in self.outside.items() if v not in set(self.tensor_nodes)}
+        self.outside = {v: t for v, t in self.outside.items() if not isinstance(t, Tensor)}
         self.anchors = []
         return tensors
 
@@ -708,7 +712,7 @@ def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
     index = {id(s): i for i, s in enumerate(banded)}
     anchors = _Anchors()
     plan_cuts = gradient_cuts(plan)
-    in_pieces = handed_in_pieces(plan)
+    in_pieces = handed_in_pieces(plan, plan_cuts)
     made: dict[fx.Node, _Cut] = {}  # by the streamed statistics' input
     last_reader = last_cut_readers(plan.steps, plan_cuts)
     kept_until: dict[int, list[fx.Node]] = {}  # step index -> statistics' inputs kept until after it

@@ -206,8 +206,9 @@ def last_cut_readers(steps: Sequence[Any], cuts: dict[int, Cuts]) -> dict[int, i
     return last
 
 
-def handed_in_pieces(plan: Plan) -> frozenset[fx.Node]:
-    """The segment outputs that stay the pieces their bands made, never joined into one tensor.
+def handed_in_pieces(plan: Plan, cuts: dict[int, Cuts] | None = None) -> frozenset[fx.Node]:
+    """The segment outputs that stay the pieces their bands made, never joined into one tensor (``cuts``: the
+    plan's :func:`gradient_cuts`, where the caller has them).
 
     # NOTE [ Values handed on in pieces ]
     # A value that one recomputed segment makes and that only recomputed segments read, in rows, need not be
@@ -218,7 +219,7 @@ def handed_in_pieces(plan: Plan) -> frozenset[fx.Node]:
     # bands free each piece's gradient as they go. Values read whole (a global op, the output), by streamed
     # statistics, or by a segment that stops its backward at gradient cuts are joined as before.
     """
-    cuts = gradient_cuts(plan)
+    cuts = gradient_cuts(plan) if cuts is None else cuts
     made = {o for step in plan.steps if isinstance(step, Segment) and step.recompute and len(step.bands) > 1
             for o in step.outputs}
     whole: set[fx.Node] = set()

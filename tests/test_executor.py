@@ -65,9 +65,9 @@ def test_values_in_pieces_lower_the_measured_peak(monkeypatch: pytest.MonkeyPatc
     peaks, estimates = {}, {}
     for pieces in (True, False):
         if not pieces:
-            monkeypatch.setattr("lightning_lrcnn.plan.handed_in_pieces", lambda plan: frozenset())
-            monkeypatch.setattr("lightning_lrcnn.executor.handed_in_pieces", lambda plan: frozenset())
-            monkeypatch.setattr("lightning_lrcnn.estimate.handed_in_pieces", lambda plan: frozenset())
+            monkeypatch.setattr("lightning_lrcnn.plan.handed_in_pieces", lambda plan, cuts=None: frozenset())
+            monkeypatch.setattr("lightning_lrcnn.executor.handed_in_pieces", lambda plan, cuts=None: frozenset())
+            monkeypatch.setattr("lightning_lrcnn.estimate.handed_in_pieces", lambda plan, cuts=None: frozenset())
         model = to_row_centric(copy.deepcopy(plain), mode="2ps", rows=8)
         plan = plan_for(model, x)
         assert bool(lightning_lrcnn.plan.handed_in_pieces(plan)) == pieces, describe(plan)
