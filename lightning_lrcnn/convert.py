@@ -46,9 +46,9 @@ class RowCentricConfig:
 @dataclass
 class _State:
     config: RowCentricConfig
-    # per (training, hooked) of each submodule, and the forward's arguments that are None
-    traces: dict[tuple[tuple[tuple[bool, bool], ...], tuple[str, ...]], tuple[fx.GraphModule, ...]] = field(
-        default_factory=dict)
+    # per (training, hooked, dropout probability) of each submodule, and the forward's arguments that are None
+    traces: dict[tuple[tuple[tuple[bool, bool, float | None], ...], tuple[str, ...]],
+                 tuple[fx.GraphModule, ...]] = field(default_factory=dict)
     plans: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     untraceable: set[str] = field(default_factory=set)  # submodules said to run whole, said once
     initialized: bool = False  # no lazy module left (see _initialize_lazy)
@@ -247,8 +247,10 @@ def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 def _plan(module: nn.Module, state: _State, arguments: dict[str, Any]) -> Plan:
     inputs = list(arguments.values())
-    # a submodule's hooks make it a leaf that runs whole: a hook added or removed means another trace
-    flags = tuple((m.training, bool(name) and has_hooks(m)) for name, m in module.named_modules())
+    # a submodule's hooks make it a leaf that runs whole: a hook added or removed means another trace; so does a
+    # dropout probability changed (a schedule): the trace rewrote its dropout for the probability it had
+    flags = tuple((m.training, bool(name) and has_hooks(m),
+                   m.p if isinstance(m, nn.modules.dropout._DropoutNd) else None) for name, m in module.named_modules())
     # arguments left None (``mask=None``) specialise the graph: ``if mask is not None`` is not traced on a proxy
     nones = tuple(name for name, v in arguments.items() if v is None)
     modes = (flags, nones)

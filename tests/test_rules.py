@@ -282,8 +282,8 @@ def test_rows_made_of_padding_only(net: str, mode: str, rows: int) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_train_mode_dropout_stays_exact(mode: str) -> None:
-    make = _stack(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout2d(0.5), nn.Conv2d(4, 2, 3, padding=1))
+def test_train_mode_dropout_stays_exact(mode: str) -> None:  # element-wise: global (channel dropout: test_noise)
+    make = _stack(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.5), nn.Conv2d(4, 2, 3, padding=1))
     assert_equivalent(make, (2, 3, 16, 16), mode=mode, rows=4, train=True)
 
 
