@@ -245,12 +245,20 @@ def _bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     return arguments
 
 
+def _drop_probability(m: nn.Module) -> float | None:
+    """A dropout's ``p``, torchvision ``StochasticDepth``'s ``p`` or timm ``DropPath``'s ``drop_prob``."""
+    for name in ("p", "drop_prob"):
+        value = m.__dict__.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
 def _plan(module: nn.Module, state: _State, arguments: dict[str, Any]) -> Plan:
     inputs = list(arguments.values())
     # a submodule's hooks make it a leaf that runs whole: a hook added or removed means another trace; so does a
-    # dropout probability changed (a schedule): the trace rewrote its dropout for the probability it had
-    flags = tuple((m.training, bool(name) and has_hooks(m),
-                   m.p if isinstance(m, nn.modules.dropout._DropoutNd) else None) for name, m in module.named_modules())
+    # drop probability changed (a schedule): the trace holds the probability it had as a constant
+    flags = tuple((m.training, bool(name) and has_hooks(m), _drop_probability(m)) for name, m in module.named_modules())
     # arguments left None (``mask=None``) specialise the graph: ``if mask is not None`` is not traced on a proxy
     nones = tuple(name for name, v in arguments.items() if v is None)
     modes = (flags, nones)

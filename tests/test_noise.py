@@ -107,19 +107,23 @@ def test_channel_dropout_in_place_or_certain_stays_exact(p: float) -> None:
     assert_equivalent(lambda: ChannelDropout("module", p), (2, 3, 16, 12), mode="overl", rows=3, train=True)
 
 
-def test_a_dropout_schedule_retraces() -> None:
-    """A probability changed between steps (from 0, where dropout is the identity) is honoured at once."""
-    plain = ChannelDropout("module", 0.0).double().train()
+@pytest.mark.parametrize("net", ["dropout2d", "stochastic_depth"])
+def test_a_drop_probability_schedule_retraces(net: str) -> None:
+    """A probability changed between steps (from 0, where the drop is the identity) is honoured at once, also
+    where tracing made it a constant of the graph (torchvision's StochasticDepth)."""
+    plain = (ChannelDropout("module", 0.0) if net == "dropout2d" else Residual("torchvision")).double().train()
+    drop = plain.drop if net == "dropout2d" else plain.sd
+    drop.p = 0.0
     converted = to_row_centric(copy.deepcopy(plain), mode="overl", rows=3)
     x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
     for p in (0.0, 0.6, 0.2):
-        plain.drop.p = converted.drop.p = p
+        drop.p = p
+        converted.get_submodule("drop" if net == "dropout2d" else "sd").p = p
         torch.manual_seed(7)
         want = plain(x)
         torch.manual_seed(7)
         got = converted(x)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    assert len(_gates(plan_for(converted, x))) == 1
 
 
 def test_channel_dropout_gate_errors_like_torch() -> None:
