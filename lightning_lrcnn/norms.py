@@ -177,7 +177,8 @@ class _Normalize(torch.autograd.Function):
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.cast = torch.is_autocast_enabled(x.device.type)
         ctx.has_bias = bias is not None
-        return torch.addcmul(shift, _as_float32(x), scale)
+        out = torch.addcmul(shift, _as_float32(x), scale)  # half x: float32 statistics, one rounding at the end
+        return out if ctx.cast else out.to(x.dtype)  # as PyTorch's norms: the input's dtype (bf16-true, 16-true)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]

@@ -305,6 +305,18 @@ def test_mixed_precision_trains(tmp_path, precision: str, dtype: torch.dtype) ->
     assert all(r.estimate_bytes is None for r in cb.choice.results)  # no fp32 estimate prunes a mixed step
 
 
+def test_true_half_precision_trains_train_mode_batchnorm_in_bands(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The model itself in bf16 (fp16: tests/test_norms.py): the split BatchNorm hands on the half dtype (float32
+    bands before: the plan was estimated at twice their bytes, and larger ones met the next convolution's bf16
+    weights)."""
+    cb = RowCentricTraining(mode="overl", rows=3)
+    model = Classifier("resnet18")
+    _fit(tmp_path, model, [cb], precision="bf16-true", max_steps=2)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert cb.metrics()["lrcnn/rows"] == 3
+
+
 class OneConv(Classifier):
     """A backbone that bands cannot help: its input and output are whole anyway."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NormAct, assert_equivalent
+from conftest import NormAct, RecordOps, assert_equivalent
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -130,6 +130,37 @@ def test_norms_under_autocast_match_within_bf16_tolerance() -> None:
         expected, got = model(x), converted(x)
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@banded_anyway
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_half_precision_weights_train_like_the_plain_model(norm: str, dtype: torch.dtype) -> None:
+    """A model cast to bf16 / fp16 (Lightning's ``precision="bf16-true"``), no autocast: the normalisation hands on
+    the input's dtype, as PyTorch's norms do (it handed on float32 statistics' dtype: the next convolution
+    refused its bf16 weights). Outputs and gradients are as close to float64 as the plain model's."""
+    torch.manual_seed(0)
+    model = (_bn_stack() if norm == "batch" else NormUNet("group")).train()
+    x = torch.randn(2, 3, 64, 40)
+    reference = copy.deepcopy(model).double()
+    plain, converted = copy.deepcopy(model).to(dtype), to_row_centric(copy.deepcopy(model).to(dtype), mode="2ps",
+                                                                          rows=4)
+    assert any(n.target is normalize for n in plan_for(converted, x.to(dtype)).graph.nodes)
+    want = reference(x.double())
+    want.square().mean().backward()
+    errors = []
+    for m in (plain, converted):
+        with RecordOps() as ops:
+            y = m(x.to(dtype))
+            y.float().square().mean().backward()
+        assert y.dtype == dtype
+        rows = {shape[2] for name, _, shape in ops.calls if name == "convolution.default" and shape is not None}
+        errors.append((float((y.detach().double() - want.detach()).abs().max()), max(
+            float((p.grad.double() - r.grad).norm() / r.grad.norm())  # type: ignore[union-attr]
+            for p, r in zip(m.parameters(), reference.parameters(), strict=True) if p.dim() > 1), rows))
+    (out_plain, grad_plain, _), (out_banded, grad_banded, rows) = errors
+    assert min(rows) < 64  # bands ran
+    assert out_banded <= 2 * out_plain + 1e-3 and grad_banded <= 3 * grad_plain + 1e-3, errors
 
 
 def test_streamed_statistics_under_autocast_recompute_in_the_autocast_dtype() -> None:
