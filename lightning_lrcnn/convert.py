@@ -352,6 +352,7 @@ def _batchnorm_frozen(module: nn.Module, frozen: bool) -> Iterator[None]:
             m.training = True
 
 
+@torch.compiler.disable  # torch.compile runs it eagerly, a graph break (tracing the planner crashed the process)
 def _row_centric_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _State = self.__dict__[_ATTR]
     _initialize_lazy(self, state, args, kwargs)

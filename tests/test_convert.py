@@ -88,6 +88,43 @@ def test_no_grad_inference_matches(mode: str) -> None:
     assert not got.requires_grad
 
 
+def test_torch_compile_runs_the_bands_eagerly() -> None:
+    """``torch.compile`` of a converted module, or of a model around one: the row-centric forward is a graph break
+    that runs eagerly (inductor crashed the process tracing the planner), so the head compiles and the bands
+    run, with the plain model's result."""
+    torch._dynamo.reset()
+    graphs: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(sum(n.op == "call_function" for n in gm.graph.nodes))
+        return gm.forward
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torchvision.models.vgg11().features[:8]
+            self.head = nn.Linear(256, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    plain = Net()
+    model = copy.deepcopy(plain)
+    to_row_centric(model.backbone, mode="overl", rows=4)
+    x = torch.randn(2, 3, 96, 64)
+    compiled = torch.compile(model, backend=backend)
+    got = compiled(x)
+    torch.testing.assert_close(got, plain(x), rtol=1e-5, atol=1e-5)
+    assert graphs == [1], graphs  # only the head was compiled (its linear; the mean is a method call)
+    with ConvHeights(model) as seen:  # (dynamo steps aside under a dispatch mode: the same eager forward)
+        compiled(x)
+    assert max(seen.conv.values()) < 96  # the converted part runs in bands
+    got.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    torch._dynamo.reset()
+
+
 def test_bf16_autocast_matches_within_bf16_tolerance() -> None:
     plain = torchvision.models.vgg11().features
     converted = to_row_centric(copy.deepcopy(plain), mode="2ps", rows=4)
