@@ -693,8 +693,20 @@ def _run_node(node: fx.Node, env: dict[fx.Node, Any], static: dict[fx.Node, Any]
     if node.op == "call_method":
         return getattr(args[0], str(node.target))(*args[1:], **kwargs)
     if node.op == "output":
-        return args[0]
+        return _mutable(args[0])
     raise RuntimeError(f"internal: unexpected node {node.format_node()}")
+
+
+def _mutable(value: Any) -> Any:
+    """The graph's output with fx's immutable dicts and lists as plain ones (a traced GraphModule returns those):
+    a caller may add to the result (torchvision's segmentation models return a dict of heads)."""
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
 
 
 def run_plan(plan: Plan, root: nn.Module, inputs: Sequence[Any]) -> Any:
